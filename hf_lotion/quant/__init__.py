@@ -1,0 +1,60 @@
+"""Quantization math in plain PyTorch: grids, rounding, STE/StableQAT/LSQ autograd and LOTION.
+
+Knows nothing of transformers; everything else in hf_lotion builds on it, and every fast path is
+tested against it.
+"""
+
+from .fake_quant import (
+    fake_quantize,
+    lsq_gradient_scale,
+    stableqat_fake_quantize,
+    stableqat_surrogate,
+    ste_fake_quantize,
+)
+from .grid import (
+    absmax_scales,
+    dequantize,
+    fake_quantize_rtn,
+    grouped,
+    int_range,
+    quantize_rtn,
+    scale_divisor,
+    scale_floor,
+)
+from .lotion import (
+    lotion_penalty,
+    lotion_penalty_grad,
+    lotion_regularizer,
+    rounding_position,
+    rounding_variance,
+)
+from .rounding import rounding_split, stochastic_round
+from .spec import DEFAULT_GRID_BY_BITS, GRIDS, METHODS, SUPPORTED_BITS, QuantSpec
+
+__all__ = [
+    "DEFAULT_GRID_BY_BITS",
+    "GRIDS",
+    "METHODS",
+    "SUPPORTED_BITS",
+    "QuantSpec",
+    "absmax_scales",
+    "dequantize",
+    "fake_quantize",
+    "fake_quantize_rtn",
+    "grouped",
+    "int_range",
+    "lotion_penalty",
+    "lotion_penalty_grad",
+    "lotion_regularizer",
+    "lsq_gradient_scale",
+    "quantize_rtn",
+    "rounding_position",
+    "rounding_split",
+    "rounding_variance",
+    "scale_divisor",
+    "scale_floor",
+    "stableqat_fake_quantize",
+    "stableqat_surrogate",
+    "ste_fake_quantize",
+    "stochastic_round",
+]

@@ -1,0 +1,110 @@
+"""Fake quantization with straight-through (STE) and StableQAT surrogate gradients, plus LSQ scale gradients.
+
+Forward: `w_hat = s * clamp(round(w / s), qmin, qmax)` (RTN, identical to the deploy weight).
+Backward, with `v = w / s` and `r = v - round(v)`:
+
+* weight: `dL/dw = dL/dw_hat * 1[qmin <= v <= qmax] * g(v)`, where `g = 1` for STE and, for StableQAT,
+  `g(v) = (1 - c S) / (1 + c S)`, `S = sum_k a_k cos((2k+1) pi (v + round(v)))`, `c = sqrt(2) pi`.
+  `g` depends only on `r`; it is 1 at `r = +-1/2` and about 0.0347 at `r = 0` for `a = [0.21]`.
+* scale (only when the scale requires grad, LSQ): per element `round(v) - v` inside the range and the
+  clip level outside, times `1 / sqrt(numel(W) * qmax)`, summed over each group. No surrogate here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .grid import dequantize, grouped, int_range, math_dtype, scaled_values
+from .spec import SURROGATE_COEFF
+
+
+def stableqat_surrogate(v: torch.Tensor, amplitudes: Sequence[float]) -> torch.Tensor:
+    """StableQAT's surrogate derivative of rounding, `g(v)`, in `v`'s dtype upcast to at least float32.
+
+    All ones when `amplitudes` is empty (plain STE).
+
+    Example:
+        >>> round(stableqat_surrogate(torch.tensor([0.0]), [0.21]).item(), 6)
+        0.034658
+    """
+    v = v.to(math_dtype(v))
+    if not amplitudes:
+        return torch.ones_like(v)
+    # cos((2k+1) pi (v + round(v))) == cos((2k+1) pi r) with r = v - round(v) (exact in floating point);
+    # using r keeps the phase small and accurate in float32 even for large |v|.
+    phase = math.pi * (v - torch.round(v))
+    series = sum(a * torch.cos((2 * k + 1) * phase) for k, a in enumerate(amplitudes))
+    cs = SURROGATE_COEFF * series
+    return (1.0 - cs) / (1.0 + cs)
+
+
+def lsq_gradient_scale(numel: int, bits: int) -> float:
+    """LSQ's scale-gradient factor `1 / sqrt(numel(W) * (2**(bits-1) - 1))`."""
+    return 1.0 / math.sqrt(numel * (2 ** (bits - 1) - 1))
+
+
+class _FakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, scales, bits, group_size, amplitudes):
+        qmin, qmax = int_range(bits)
+        q = torch.round(scaled_values(weight, scales, group_size)).clamp_(qmin, qmax)
+        ctx.save_for_backward(weight, scales)
+        ctx.bits, ctx.group_size, ctx.amplitudes = bits, group_size, amplitudes
+        return dequantize(q.reshape(weight.shape), scales, group_size, weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight, scales = ctx.saved_tensors
+        qmin, qmax = int_range(ctx.bits)
+        v = scaled_values(weight, scales, ctx.group_size)
+        inside = (v >= qmin) & (v <= qmax)
+        grad = grouped(grad_output.to(v.dtype), ctx.group_size)
+
+        grad_weight = grad_scales = None
+        if ctx.needs_input_grad[0]:
+            g = stableqat_surrogate(v, ctx.amplitudes)
+            grad_weight = torch.where(inside, grad * g, 0.0).reshape(weight.shape).to(weight.dtype)
+        if ctx.needs_input_grad[1]:
+            q = torch.round(v)
+            dwhat_ds = torch.where(inside, q - v, q.clamp(qmin, qmax))
+            factor = lsq_gradient_scale(weight.numel(), ctx.bits)
+            grad_scales = ((grad * dwhat_ds).sum(dim=-1) * factor).to(scales.dtype)
+        return grad_weight, grad_scales, None, None, None
+
+
+def fake_quantize(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    amplitudes: Sequence[float] = (),
+) -> torch.Tensor:
+    """Differentiable RTN fake quantization; STE backward when `amplitudes` is empty, StableQAT otherwise.
+
+    Pass scales that require grad to learn them (LSQ); detached absmax scales get no gradient.
+
+    Example:
+        >>> w = torch.tensor([[0.4, -0.15, 0.0625, 0.6, -0.55]], requires_grad=True)
+        >>> fake_quantize(w, torch.tensor([[0.25]]), bits=3, group_size=-1, amplitudes=[0.21])
+        tensor([[ 0.5000, -0.2500,  0.0000,  0.5000, -0.5000]], grad_fn=<_FakeQuantizeBackward>)
+    """
+    return _FakeQuantize.apply(weight, scales, bits, group_size, tuple(amplitudes))
+
+
+def ste_fake_quantize(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """RTN forward, straight-through backward (zero outside the clip range)."""
+    return fake_quantize(weight, scales, bits, group_size, ())
+
+
+def stableqat_fake_quantize(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    amplitudes: Sequence[float] = (0.21,),
+) -> torch.Tensor:
+    """RTN forward, StableQAT's Fourier-surrogate backward (`amplitudes=()` is exactly STE)."""
+    return fake_quantize(weight, scales, bits, group_size, amplitudes)

@@ -1,0 +1,105 @@
+"""LOTION: the rounding-noise regulariser of the randomized-rounding-smoothed loss.
+
+With `v = clamp(w / s, qmin, qmax) = n + p`, randomized rounding has variance `sigma^2 = s^2 p (1 - p)`.
+LOTION's Gauss-Newton objective is `L(w) + (lambda / 2) * sum_i G_ii sigma_i^2(w)` with a diagonal
+curvature estimate `G` held constant and the scale detached. The gradient of the penalty is
+`(lambda / 2) G s (1 - 2p)`, except at grid points (`p = 0`, including everything clipped to the range
+ends) where `sigma^2` has a kink and the zero subgradient is used: taking `(1 - 2p) = 1` there pushes
+on-grid weights (every group's absmax element) outward and inflates the scales.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .grid import grouped, int_range, scaled_values
+from .rounding import rounding_split
+
+
+def rounding_position(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """`p`, the fractional position of each weight between its two grid neighbours, `(out, in)`.
+
+    float32, or float64 for float64 inputs (as every function here)."""
+    qmin, qmax = int_range(bits)
+    _, p = rounding_split(scaled_values(weight.detach(), scales.detach(), group_size), qmin, qmax)
+    return p.reshape(weight.shape)
+
+
+def rounding_variance(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """`sigma^2 = s^2 p (1 - p)`, the variance of randomized rounding, `(out, in)`.
+
+    Example:
+        >>> rounding_variance(torch.tensor([[0.23]]), torch.tensor([[0.1]]), bits=4, group_size=-1)
+        tensor([[0.0021]])
+    """
+    p = grouped(rounding_position(weight, scales, bits, group_size), group_size)
+    s = scales.detach().to(p.dtype).unsqueeze(-1)
+    return (s * s * p * (1.0 - p)).reshape(weight.shape)
+
+
+def lotion_penalty(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    curvature: torch.Tensor,
+    bits: int,
+    group_size: int,
+    strength: float = 1.0,
+) -> torch.Tensor:
+    """The penalty's value `(lambda / 2) * sum G * sigma^2`, a scalar (no autograd)."""
+    sigma2 = rounding_variance(weight, scales, bits, group_size)
+    return 0.5 * strength * (curvature.detach().to(sigma2.dtype) * sigma2).sum()
+
+
+def lotion_penalty_grad(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    curvature: torch.Tensor,
+    bits: int,
+    group_size: int,
+    strength: float = 1.0,
+) -> torch.Tensor:
+    """The penalty's gradient `(lambda / 2) G s (1 - 2p)`, zero at grid points, in the weight's dtype.
+
+    Example:
+        >>> lotion_penalty_grad(torch.tensor([[0.23]]), torch.tensor([[0.1]]), torch.ones(1, 1), 4, -1, 2.0)
+        tensor([[0.0400]])
+    """
+    p = grouped(rounding_position(weight, scales, bits, group_size), group_size)
+    s = scales.detach().to(p.dtype).unsqueeze(-1)
+    slope = torch.where(p > 0, s * (1.0 - 2.0 * p), 0.0).reshape(weight.shape)
+    return (0.5 * strength * curvature.detach().to(p.dtype) * slope).to(weight.dtype)
+
+
+class _LotionPenalty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, scales, curvature, bits, group_size, strength):
+        ctx.save_for_backward(weight, scales, curvature)
+        ctx.bits, ctx.group_size, ctx.strength = bits, group_size, strength
+        return lotion_penalty(weight, scales, curvature, bits, group_size, strength)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight, scales, curvature = ctx.saved_tensors
+        grad = lotion_penalty_grad(weight, scales, curvature, ctx.bits, ctx.group_size, ctx.strength)
+        return (grad * grad_output).to(weight.dtype), None, None, None, None, None
+
+
+def lotion_regularizer(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    curvature: torch.Tensor,
+    bits: int,
+    group_size: int,
+    strength: float = 1.0,
+) -> torch.Tensor:
+    """LOTION's penalty as a differentiable scalar: add it to the loss in a plain PyTorch loop.
+
+    Its backward is `lotion_penalty_grad` (scale and curvature detached, zero subgradient on the grid).
+
+    Example:
+        >>> w = torch.tensor([[0.23]], requires_grad=True)
+        >>> lotion_regularizer(w, torch.tensor([[0.1]]), torch.full((1, 1), 4.0), bits=4, group_size=-1).backward()
+        >>> w.grad
+        tensor([[0.0800]])
+    """
+    return _LotionPenalty.apply(weight, scales, curvature, bits, group_size, float(strength))

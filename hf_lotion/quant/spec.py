@@ -1,0 +1,177 @@
+"""What a quantized weight is: bit width, grouping, scale rule and training method.
+
+Pure Python, no torch: the transformers config and the `nn` modules both build on this, and every
+validation error is raised here so that both report the same message (field, value, allowed values).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+METHODS = ("lotion", "stableqat", "ste", "rtn")
+GRIDS = ("full", "restricted")
+# Methods whose training forward fake-quantizes the weight (and can therefore learn scales).
+FAKE_QUANT_METHODS = ("stableqat", "ste")
+
+# Measured RTN reconstruction error (relative MSE, Gaussian and Student-t weights, groups 32 and 128):
+# the full-range rule is 0.51-0.73x the restricted one at 2 bits, 0.75-0.83x at 3 bits, 0.89-0.96x at
+# 4 bits, and 1.02-1.09x (worse) at 8 bits, where clipping the largest element costs more than the
+# finer step saves. The README's "Choosing a grid" section records the command.
+DEFAULT_GRID_BY_BITS = {2: "full", 3: "full", 4: "full", 8: "restricted"}
+
+# StableQAT's surrogate g = (1 - c S) / (1 + c S), c = sqrt(2) pi, stays positive and bounded only
+# while c * sum|a_k| < 1.
+SURROGATE_COEFF = math.sqrt(2.0) * math.pi
+MAX_AMPLITUDE_SUM = 1.0 / SURROGATE_COEFF
+
+
+def invalid_value(owner: str, name: str, value: object, allowed: str) -> None:
+    """Raise the project's standard error for a bad field: who, which field, the value, what is allowed."""
+    raise ValueError(f"{owner}.{name}={value!r} is not supported; allowed: {allowed}.")
+
+
+def validate_bits(bits: object, owner: str = "LotionConfig") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        invalid_value(owner, "bits", bits, f"one of {SUPPORTED_BITS}")
+    return bits  # type: ignore[return-value]
+
+
+def validate_group_size(group_size: object, owner: str = "LotionConfig") -> int:
+    if (
+        isinstance(group_size, bool)
+        or not isinstance(group_size, int)
+        or (group_size <= 0 and group_size != -1)
+    ):
+        invalid_value(
+            owner,
+            "group_size",
+            group_size,
+            "a positive integer that divides in_features, or -1 (one scale per row)",
+        )
+    return group_size  # type: ignore[return-value]
+
+
+def validate_choice(name: str, value: object, choices: Sequence[str], owner: str = "LotionConfig") -> str:
+    if value not in choices:
+        invalid_value(owner, name, value, f"one of {tuple(choices)}")
+    return value  # type: ignore[return-value]
+
+
+def validate_amplitudes(amplitudes: object, owner: str = "LotionConfig") -> tuple[float, ...]:
+    name = "stableqat_amplitudes"
+    if (
+        isinstance(amplitudes, (int, float))
+        or not isinstance(amplitudes, Sequence)
+        or isinstance(amplitudes, str)
+    ):
+        invalid_value(
+            owner, name, amplitudes, "a list of finite floats (Fourier amplitudes, [] or [0.0] is STE)"
+        )
+    values = []
+    for a in amplitudes:  # type: ignore[union-attr]
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+            invalid_value(
+                owner, name, amplitudes, "a list of finite floats (Fourier amplitudes, [] or [0.0] is STE)"
+            )
+        values.append(float(a))
+    if sum(abs(a) for a in values) >= MAX_AMPLITUDE_SUM:
+        invalid_value(
+            owner,
+            name,
+            amplitudes,
+            f"amplitudes with sum(|a_k|) < 1/(sqrt(2)*pi) = {MAX_AMPLITUDE_SUM:.4f}, so the surrogate gradient "
+            "stays positive and bounded",
+        )
+    return tuple(values)
+
+
+def validate_positive_float(
+    name: str, value: object, owner: str = "LotionConfig", allow_zero: bool = True
+) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)  # type: ignore[operator]
+    if not ok:
+        invalid_value(owner, name, value, "a finite number >= 0" if allow_zero else "a finite number > 0")
+    return float(value)  # type: ignore[arg-type]
+
+
+def resolve_learned_scales(method: str, learned_scales: object, owner: str = "LotionConfig") -> bool:
+    """`None` means learned scales for stableqat (as its reference code), absmax scales otherwise."""
+    if learned_scales is None:
+        return method == "stableqat"
+    if not isinstance(learned_scales, bool):
+        invalid_value(
+            owner, "learned_scales", learned_scales, "True, False or None (None: True for stableqat)"
+        )
+    if learned_scales and method not in FAKE_QUANT_METHODS:
+        invalid_value(
+            owner,
+            "learned_scales",
+            learned_scales,
+            f"False for method={method!r}; learned scales need a fake-quantized forward, method in "
+            f"{FAKE_QUANT_METHODS}",
+        )
+    return learned_scales  # type: ignore[return-value]
+
+
+def resolve_group_size(group_size: int, in_features: int) -> int:
+    """The number of input features that share one scale (`-1` means the whole row)."""
+    return in_features if group_size == -1 else group_size
+
+
+def check_divisible(group_size: int, in_features: int, layer: str) -> None:
+    """Raise if `group_size` does not split `in_features` of `layer` into whole groups."""
+    if group_size != -1 and in_features % group_size != 0:
+        raise ValueError(
+            f"LotionConfig.group_size={group_size} does not divide in_features={in_features} of layer "
+            f"'{layer}'; allowed: a positive divisor of every quantized layer's in_features, or -1 (one scale "
+            "per row). Alternatively list the layer in modules_to_not_convert."
+        )
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one linear layer's weight is quantized and trained.
+
+    Example:
+        >>> QuantSpec(bits=4, group_size=32, method="stableqat").learned_scales
+        True
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    method: str = "lotion"
+    grid: str | None = None
+    learned_scales: bool | None = None
+    stableqat_amplitudes: tuple[float, ...] = field(default=(0.21,))
+
+    def __post_init__(self) -> None:
+        owner = "QuantSpec"
+        validate_bits(self.bits, owner)
+        validate_group_size(self.group_size, owner)
+        validate_choice("method", self.method, METHODS, owner)
+        if self.grid is None:
+            object.__setattr__(self, "grid", DEFAULT_GRID_BY_BITS[self.bits])
+        validate_choice("grid", self.grid, GRIDS, owner)
+        object.__setattr__(
+            self, "learned_scales", resolve_learned_scales(self.method, self.learned_scales, owner)
+        )
+        object.__setattr__(
+            self, "stableqat_amplitudes", validate_amplitudes(self.stableqat_amplitudes, owner)
+        )
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def surrogate_amplitudes(self) -> tuple[float, ...]:
+        """Amplitudes used in the backward pass: StableQAT's, or none (plain STE) for `ste`."""
+        return self.stableqat_amplitudes if self.method == "stableqat" else ()

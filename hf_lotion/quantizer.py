@@ -1,0 +1,154 @@
+"""The transformers `HfQuantizer` for quant_method "lotion", and `prepare` for models already in memory."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from .config import QUANT_METHOD, LotionConfig
+from .nn.qat_linear import LotionLinear
+from .nn.replace import check_layers, lotion_layers, quantizable_linears, replace_linear_layers
+
+logger = logging.getLogger(__name__)
+
+# Written into the safetensors header of every checkpoint (transformers overwrites the key "format").
+FORMAT_VERSION = 1
+METADATA_FORMAT_KEY = "hf_lotion_format"
+METADATA_VERSION_KEY = "hf_lotion_format_version"
+
+
+class LotionHfQuantizer(HfQuantizer):
+    """Swaps eligible `nn.Linear` layers for `LotionLinear` while `from_pretrained` builds the model.
+
+    The swap happens on the meta device before weights load; `LotionLinear` keeps the `weight`/`bias`
+    names, so a plain or latent checkpoint loads with no conversion step. Learned scales that the
+    checkpoint does not have (first quantization of a float model) are derived from the loaded weights.
+    """
+
+    requires_calibration = False
+    quantization_config: LotionConfig
+
+    def __init__(self, quantization_config: LotionConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.modules_to_not_convert: list[str] = []
+
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
+        config = self.quantization_config
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model, config.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None)
+        )
+        replace_linear_layers(model, config.to_spec(), self.modules_to_not_convert)
+        if config.learned_scales and not self.pre_quantized:
+            # A float checkpoint has no scales: they are derived from the loaded weights, not "missing".
+            ignored = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
+            model._keys_to_ignore_on_load_missing = ignored | {r"\.weight_scale$"}
+
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+        layers = lotion_layers(model)
+        check_layers(layers, self.quantization_config.to_spec())
+        for name, layer in layers:
+            if layer.weight_scale is None:
+                continue
+            loaded = getattr(layer.weight_scale, "_is_hf_initialized", False)
+            if self.pre_quantized and not loaded:
+                logger.warning(
+                    "Checkpoint has no learned scales for '%s'; initialising them from absmax.", name
+                )
+            if not (self.pre_quantized and loaded):
+                layer.reset_scales()
+        return model
+
+    def get_state_dict_and_metadata(self, model: PreTrainedModel) -> tuple[None, dict[str, str]]:
+        metadata = {
+            METADATA_FORMAT_KEY: self.quantization_config.format,
+            METADATA_VERSION_KEY: str(FORMAT_VERSION),
+        }
+        return None, metadata
+
+    def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
+        """Replace every `LotionLinear` by an `nn.Linear` holding its deploy (RTN) weight."""
+        for name, layer in lotion_layers(model):
+            linear = nn.Linear(
+                layer.in_features,
+                layer.out_features,
+                bias=layer.bias is not None,
+                device=layer.weight.device,
+                dtype=dtype or layer.weight.dtype,
+            )
+            with torch.no_grad():
+                linear.weight.copy_(layer.deploy_weight())
+                if layer.bias is not None:
+                    linear.bias.copy_(layer.bias)
+            model.set_submodule(name, linear)
+        return model
+
+    def is_serializable(self, safe_serialization: bool | None = None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+
+def register_with_transformers() -> None:
+    """Register "lotion" with transformers' auto-quantization maps (idempotent)."""
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not LotionConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        register_quantization_config(QUANT_METHOD)(LotionConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not LotionHfQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        register_quantizer(QUANT_METHOD)(LotionHfQuantizer)
+
+
+def prepare(model: nn.Module, config: LotionConfig | None = None) -> nn.Module:
+    """Quantize a model that is already in memory, in place (the *prepare* step of the QAT lifecycle).
+
+    Does what `from_pretrained(..., quantization_config=config)` does, for a model you built or loaded
+    yourself: every input is validated (group sizes, finite weights) before any module is swapped. For a
+    transformers `PreTrainedModel` the quantizer is attached, so `save_pretrained`, `Trainer` and reloading
+    behave exactly as after `from_pretrained`. Plain `nn.Module`s work too (no default exclusions).
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM, LlamaConfig
+        >>> model = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=64, intermediate_size=128,
+        ...     num_hidden_layers=1, num_attention_heads=4, vocab_size=128))
+        >>> model = prepare(model, LotionConfig(bits=4, group_size=32))
+        >>> type(model.model.layers[0].mlp.up_proj).__name__
+        'LotionLinear'
+    """
+    config = config if config is not None else LotionConfig()
+    if not isinstance(config, LotionConfig):
+        raise ValueError(f"prepare() needs a LotionConfig, got {type(config).__name__}.")
+    if not isinstance(model, PreTrainedModel):
+        replace_linear_layers(model, config.to_spec(), config.modules_to_not_convert)
+        return model
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError(
+            f"The model is already quantized with {model.hf_quantizer.quantization_config.quant_method!r}; "
+            "prepare() takes a full-precision model."
+        )
+    quantizer = LotionHfQuantizer(config, pre_quantized=False)
+    skipped = quantizer.get_modules_to_not_convert(
+        model, config.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None)
+    )
+    # Validate before the quantizer touches anything (from_pretrained can only check values after loading).
+    check_layers(quantizable_linears(model, skipped), config.to_spec())
+    quantizer.preprocess_model(model)
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+    return model
+
+
+def is_lotion_model(model: nn.Module) -> bool:
+    """Whether `model` has at least one `LotionLinear` layer."""
+    return any(isinstance(m, LotionLinear) for m in model.modules())

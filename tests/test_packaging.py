@@ -1,0 +1,93 @@
+"""The package installs with one import root: trainer/ and cards/ become hf_lotion.trainer / hf_lotion.cards."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import hf_lotion
+from hf_lotion.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SUBPACKAGES = ["hf_lotion.quant", "hf_lotion.nn", "hf_lotion.trainer", "hf_lotion.cards", "hf_lotion.cli"]
+
+
+def test_installed_import_root():
+    import hf_lotion.cards
+    import hf_lotion.trainer
+
+    assert Path(hf_lotion.trainer.__file__).parent.name == "trainer"
+    assert Path(hf_lotion.cards.__file__).parent.name == "cards"
+    for top_level in ("trainer", "cards"):
+        assert top_level not in sys.modules, f"'{top_level}' must not be importable as a top-level package"
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_imports_from_a_fresh_process(tmp_path):
+    pytest.importorskip("setuptools")
+    dist, site = tmp_path / "dist", tmp_path / "site"
+    build = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(dist),
+        str(REPO),
+    ]
+    subprocess.run(build, check=True, cwd=tmp_path, timeout=300)
+    (wheel,) = dist.glob("hf_lotion-*.whl")
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)]
+    subprocess.run(install, check=True, cwd=tmp_path, timeout=300)
+    assert not (site / "trainer").exists() and not (site / "cards").exists()
+
+    code = "; ".join(
+        [
+            "import importlib, hf_lotion",
+            *[f"importlib.import_module('{m}')" for m in SUBPACKAGES],
+            "import hf_lotion.trainer, hf_lotion.cards",
+            "print(hf_lotion.__file__); print(hf_lotion.trainer.__file__); print(hf_lotion.cards.__file__)",
+            "print(hf_lotion.LotionConfig(bits=4).bits)",
+        ]
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    *files, bits = result.stdout.split()
+    assert bits == "4"
+    for file in files:
+        assert Path(file).is_relative_to(site), f"{file} was not imported from the wheel"
+
+
+def test_cli_version_and_env(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("hf-lotion ")
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "transformers" in out and "quant_method 'lotion' registered  True" in out
+    assert hf_lotion.__version__ in out
+
+
+@pytest.mark.slow
+def test_console_script_is_installed():
+    try:
+        importlib.metadata.distribution("hf-lotion")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("hf-lotion is not installed in this environment (run: pip install -e .)")
+    # Installed: the console script must exist next to the interpreter or on PATH.
+    script = shutil.which("hf-lotion") or str(Path(sys.executable).parent / "hf-lotion")
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "env" in result.stdout
