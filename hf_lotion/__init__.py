@@ -11,9 +11,9 @@ gives a model whose linear layers train quantization-aware, and reloading a save
 """
 
 from .config import LotionConfig
-from .nn import LotionLinear, lotion_layers
+from .nn import LotionLinear, is_lotion_model, lotion_layers
 from .quant import QuantSpec, lotion_regularizer
-from .quantizer import LotionHfQuantizer, is_lotion_model, prepare, register_with_transformers
+from .quantizer import LotionHfQuantizer, prepare, register_with_transformers
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,6 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from .config import QUANT_METHOD, LotionConfig
-from .nn.qat_linear import LotionLinear
 from .nn.replace import check_layers, lotion_layers, quantizable_linears, replace_linear_layers
 
 logger = logging.getLogger(__name__)
@@ -147,8 +146,3 @@ def prepare(model: nn.Module, config: LotionConfig | None = None) -> nn.Module:
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)
     return model
-
-
-def is_lotion_model(model: nn.Module) -> bool:
-    """Whether `model` has at least one `LotionLinear` layer."""
-    return any(isinstance(m, LotionLinear) for m in model.modules())

@@ -60,7 +60,6 @@ def test_from_pretrained_quantizes_and_reloads_bit_exact(arch, dtype, tiny_check
         quantized_logits = model.eval()(input_ids).logits
         expected = rtn_reference(float_model, 4, 16, "full")(input_ids).logits
         latent_logits = model.train()(input_ids).logits
-        float_logits = float_model.train()(input_ids).logits
     assert torch.equal(quantized_logits, expected)
     assert not torch.equal(quantized_logits, latent_logits)
 
@@ -79,7 +78,6 @@ def test_from_pretrained_quantizes_and_reloads_bit_exact(arch, dtype, tiny_check
     }
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(input_ids).logits, quantized_logits)
-    del float_logits
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -1,6 +1,19 @@
 """torch.nn modules built on the quantization math (no transformers dependency)."""
 
 from .qat_linear import LotionLinear
-from .replace import lotion_layers, matches_module, quantizable_linears, replace_linear_layers
+from .replace import (
+    is_lotion_model,
+    lotion_layers,
+    matches_module,
+    quantizable_linears,
+    replace_linear_layers,
+)
 
-__all__ = ["LotionLinear", "lotion_layers", "matches_module", "quantizable_linears", "replace_linear_layers"]
+__all__ = [
+    "LotionLinear",
+    "is_lotion_model",
+    "lotion_layers",
+    "matches_module",
+    "quantizable_linears",
+    "replace_linear_layers",
+]

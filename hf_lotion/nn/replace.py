@@ -94,7 +94,7 @@ def replace_linear_layers(
         >>> replace_linear_layers(model, QuantSpec(bits=4, group_size=16), modules_to_not_convert=["2"])
         ['0']
     """
-    if any(isinstance(m, LotionLinear) for m in model.modules()):
+    if is_lotion_model(model):
         raise ValueError("The model already has LotionLinear layers; quantize a model only once.")
     skipped = list(modules_to_not_convert or ())
     layers = quantizable_linears(model, skipped)
@@ -115,3 +115,8 @@ def replace_linear_layers(
 def lotion_layers(model: nn.Module) -> list[tuple[str, LotionLinear]]:
     """The `LotionLinear` layers of `model` with their names."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LotionLinear)]
+
+
+def is_lotion_model(model: nn.Module) -> bool:
+    """Whether `model` has at least one `LotionLinear` layer."""
+    return any(isinstance(m, LotionLinear) for m in model.modules())
