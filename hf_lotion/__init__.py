@@ -11,7 +11,9 @@ gives a model whose linear layers train quantization-aware, and reloading a save
 """
 
 from .config import LotionConfig
-from .nn import LotionLinear, is_lotion_model, lotion_layers
+from .convert import convert
+from .exports import export_compressed_tensors
+from .nn import LotionLinear, PackedLinear, is_lotion_model, lotion_layers
 from .quant import QuantSpec, lotion_regularizer
 from .quantizer import LotionHfQuantizer, prepare, register_with_transformers
 
@@ -23,8 +25,11 @@ __all__ = [
     "LotionConfig",
     "LotionHfQuantizer",
     "LotionLinear",
+    "PackedLinear",
     "QuantSpec",
     "__version__",
+    "convert",
+    "export_compressed_tensors",
     "is_lotion_model",
     "lotion_layers",
     "lotion_regularizer",

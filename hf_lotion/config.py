@@ -23,7 +23,8 @@ from .quant.spec import (
 
 QUANT_METHOD = "lotion"
 # "latent": full-precision latent weights (+ learned scales), what training checkpoints hold.
-FORMATS = ("latent",)
+# "packed": integers packed into int32 words plus scales, what `hf_lotion.convert` produces.
+FORMATS = ("latent", "packed")
 
 
 @dataclass(init=False, repr=False)
@@ -47,7 +48,8 @@ class LotionConfig(QuantizationConfigMixin):
         modules_to_not_convert: module names (or prefixes, suffixes, regexes) kept in full precision.
             `None` keeps the output head (and tied weights) in full precision, as other transformers
             quantizers do; an explicit list replaces that default.
-        format: what the checkpoint stores; `"latent"` (full-precision latent weights) while training.
+        format: what the model holds and its checkpoint stores: `"latent"` (full-precision latent weights,
+            for training) or `"packed"` (packed integers and scales, set by `hf_lotion.convert`).
 
     Example:
         >>> from transformers import AutoModelForCausalLM

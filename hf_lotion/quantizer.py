@@ -11,23 +11,24 @@ from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
+from .checkpoint import FORMAT_VERSION, METADATA_FORMAT_KEY, METADATA_VERSION_KEY, check_packed_checkpoint
 from .config import QUANT_METHOD, LotionConfig
+from .nn.packed_linear import PackedLinear
+from .nn.qat_linear import LotionLinear
 from .nn.replace import check_layers, lotion_layers, quantizable_linears, replace_linear_layers
 
 logger = logging.getLogger(__name__)
 
-# Written into the safetensors header of every checkpoint (transformers overwrites the key "format").
-FORMAT_VERSION = 1
-METADATA_FORMAT_KEY = "hf_lotion_format"
-METADATA_VERSION_KEY = "hf_lotion_format_version"
-
 
 class LotionHfQuantizer(HfQuantizer):
-    """Swaps eligible `nn.Linear` layers for `LotionLinear` while `from_pretrained` builds the model.
+    """Swaps eligible `nn.Linear` layers while `from_pretrained` builds the model (on the meta device).
 
-    The swap happens on the meta device before weights load; `LotionLinear` keeps the `weight`/`bias`
-    names, so a plain or latent checkpoint loads with no conversion step. Learned scales that the
-    checkpoint does not have (first quantization of a float model) are derived from the loaded weights.
+    * format "latent": `LotionLinear`, which keeps the `weight`/`bias` names, so a float or latent
+      checkpoint loads with no conversion step. Learned scales that the checkpoint does not have (first
+      quantization of a float model) are derived from the loaded weights.
+    * format "packed": `PackedLinear`, whose buffers carry the checkpoint's names and shapes, so no float
+      weight is ever materialised. The checkpoint's headers are checked first (complete files, a format
+      version this code reads, every packed tensor present with the shape the config implies).
     """
 
     requires_calibration = False
@@ -37,16 +38,44 @@ class LotionHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.modules_to_not_convert: list[str] = []
 
-    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
+    def _process_model_before_weight_loading(
+        self, model: PreTrainedModel, checkpoint_files: list[str] | None = None, **kwargs: Any
+    ) -> None:
         config = self.quantization_config
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, config.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None)
         )
+        if config.format == "packed":
+            self._build_packed_layers(model, checkpoint_files or [])
+            return
         replace_linear_layers(model, config.to_spec(), self.modules_to_not_convert)
         if config.learned_scales and not self.pre_quantized:
             # A float checkpoint has no scales: they are derived from the loaded weights, not "missing".
             ignored = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
             model._keys_to_ignore_on_load_missing = ignored | {r"\.weight_scale$"}
+
+    def _build_packed_layers(self, model: PreTrainedModel, checkpoint_files: list[str]) -> None:
+        config = self.quantization_config
+        if not self.pre_quantized:
+            raise ValueError(
+                "LotionConfig.format='packed' describes a converted checkpoint; to quantize a float model pass "
+                "format='latent' (the default) and call hf_lotion.convert(model) after training."
+            )
+        layers = quantizable_linears(model, self.modules_to_not_convert)
+        check_layers(layers, config.to_spec(), check_values=False)
+        shapes = [(name, m.out_features, m.in_features) for name, m in layers]
+        check_packed_checkpoint(checkpoint_files, shapes, config.bits, config.group_size)
+        for name, module in layers:
+            packed = PackedLinear(
+                module.in_features,
+                module.out_features,
+                config.bits,
+                config.group_size,
+                bias=module.bias is not None,
+                device="meta",
+                dtype=module.weight.dtype,
+            )
+            model.set_submodule(name, packed)
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         layers = lotion_layers(model)
@@ -71,17 +100,23 @@ class LotionHfQuantizer(HfQuantizer):
         return None, metadata
 
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
-        """Replace every `LotionLinear` by an `nn.Linear` holding its deploy (RTN) weight."""
-        for name, layer in lotion_layers(model):
+        """Replace every quantized layer by an `nn.Linear` holding its deploy (RTN) weight."""
+        for name, layer in model.named_modules():
+            if isinstance(layer, LotionLinear):
+                weight = layer.deploy_weight()
+            elif isinstance(layer, PackedLinear):
+                weight = layer.dequantized_weight()
+            else:
+                continue
             linear = nn.Linear(
                 layer.in_features,
                 layer.out_features,
                 bias=layer.bias is not None,
-                device=layer.weight.device,
-                dtype=dtype or layer.weight.dtype,
+                device=weight.device,
+                dtype=dtype or weight.dtype,
             )
             with torch.no_grad():
-                linear.weight.copy_(layer.deploy_weight())
+                linear.weight.copy_(weight)
                 if layer.bias is not None:
                     linear.bias.copy_(layer.bias)
             model.set_submodule(name, linear)
@@ -96,7 +131,8 @@ class LotionHfQuantizer(HfQuantizer):
 
     @property
     def is_qat_trainable(self) -> bool:
-        return True
+        # Packed weights are frozen integers: train adapters on them (PEFT), or train the latent model.
+        return self.quantization_config.format == "latent"
 
 
 def register_with_transformers() -> None:
@@ -128,6 +164,11 @@ def prepare(model: nn.Module, config: LotionConfig | None = None) -> nn.Module:
     config = config if config is not None else LotionConfig()
     if not isinstance(config, LotionConfig):
         raise ValueError(f"prepare() needs a LotionConfig, got {type(config).__name__}.")
+    if config.format != "latent":
+        raise ValueError(
+            f"prepare() needs LotionConfig.format='latent', got {config.format!r}; packed models come from "
+            "hf_lotion.convert(model)."
+        )
     if not isinstance(model, PreTrainedModel):
         replace_linear_layers(model, config.to_spec(), config.modules_to_not_convert)
         return model

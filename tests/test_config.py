@@ -76,7 +76,10 @@ def test_to_spec():
             {"modules_to_not_convert": "lm_head"},
             r"LotionConfig\.modules_to_not_convert='lm_head' .* a list of strings",
         ),
-        ({"format": "gguf"}, r"LotionConfig\.format='gguf' is not supported; allowed: one of \('latent',\)"),
+        (
+            {"format": "gguf"},
+            r"LotionConfig\.format='gguf' is not supported; allowed: one of \('latent', 'packed'\)",
+        ),
         ({"quant_method": "awq"}, r"LotionConfig\.quant_method='awq' is not supported; allowed: 'lotion'"),
         ({"bitz": 4}, r"LotionConfig got unknown keys \['bitz'\]; allowed keys: \[.*'bits'.*\]"),
     ],

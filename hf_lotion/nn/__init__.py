@@ -1,5 +1,6 @@
 """torch.nn modules built on the quantization math (no transformers dependency)."""
 
+from .packed_linear import PackedLinear
 from .qat_linear import LotionLinear
 from .replace import (
     is_lotion_model,
@@ -11,6 +12,7 @@ from .replace import (
 
 __all__ = [
     "LotionLinear",
+    "PackedLinear",
     "is_lotion_model",
     "lotion_layers",
     "matches_module",

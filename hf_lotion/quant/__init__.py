@@ -28,6 +28,7 @@ from .lotion import (
     rounding_position,
     rounding_variance,
 )
+from .packing import pack_int, packed_words, unpack_int
 from .rounding import rounding_split, stochastic_round
 from .spec import DEFAULT_GRID_BY_BITS, GRIDS, METHODS, SUPPORTED_BITS, QuantSpec
 
@@ -47,6 +48,8 @@ __all__ = [
     "lotion_penalty_grad",
     "lotion_regularizer",
     "lsq_gradient_scale",
+    "pack_int",
+    "packed_words",
     "quantize_rtn",
     "rounding_position",
     "rounding_split",
@@ -57,4 +60,5 @@ __all__ = [
     "stableqat_surrogate",
     "ste_fake_quantize",
     "stochastic_round",
+    "unpack_int",
 ]

@@ -1,0 +1,43 @@
+"""The *convert* step of the QAT lifecycle: latent QAT layers -> packed low-bit layers, in place."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from .config import LotionConfig
+from .nn.packed_linear import PackedLinear
+from .nn.replace import lotion_layers
+
+logger = logging.getLogger(__name__)
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Pack every `LotionLinear` of `model` into a `PackedLinear`, in place, and return the model.
+
+    Each layer keeps exactly the weights its eval mode used (round-to-nearest with the current scales),
+    so the converted model's outputs are bit-identical to the eval-mode QAT model. For a transformers
+    model, `config.quantization_config.format` becomes "packed", so `save_pretrained` writes packed
+    safetensors and `from_pretrained` (after `import hf_lotion`) rebuilds packed layers directly.
+
+    Example:
+        >>> model = AutoModelForCausalLM.from_pretrained(path, quantization_config=LotionConfig(bits=4))  # doctest: +SKIP
+        >>> ...  # train
+        >>> hf_lotion.convert(model)  # doctest: +SKIP
+        >>> model.save_pretrained("out")  # doctest: +SKIP
+    """
+    layers = lotion_layers(model)
+    if not layers:
+        raise ValueError(
+            "convert() found no LotionLinear layer to pack: pass a model quantized with hf_lotion in the "
+            "latent format (from_pretrained with a LotionConfig, or hf_lotion.prepare); a converted model "
+            "is already packed."
+        )
+    for name, layer in layers:
+        model.set_submodule(name, PackedLinear.from_qat(layer))
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(config, LotionConfig):
+        config.format = "packed"
+    logger.info("Packed %d layers.", len(layers))
+    return model

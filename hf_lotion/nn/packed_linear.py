@@ -1,0 +1,101 @@
+"""`PackedLinear`: a linear layer whose weight is stored as packed low-bit integers plus group scales."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant.grid import dequantize
+from ..quant.packing import pack_int, packed_words, unpack_int
+from ..quant.spec import check_divisible, resolve_group_size
+
+
+class PackedLinear(nn.Module):
+    """Inference linear layer holding `weight` (packed int32 words), `weight_scale` and `weight_shape`.
+
+    The layout is compressed-tensors' `pack-quantized` one; only the packed tensor's name differs
+    (`weight` here, `weight_packed` there), so that transformers without hf_lotion refuses a packed
+    checkpoint (size mismatch on `weight`) instead of silently building random weights, and export to
+    compressed-tensors is a renaming. The weight is dequantized on the fly in every forward (nothing is
+    cached, so memory stays low-bit) with the same arithmetic as `LotionLinear`'s eval mode, so outputs
+    are bit-identical to the QAT model before `convert`.
+
+    Example:
+        >>> from hf_lotion.nn import LotionLinear
+        >>> from hf_lotion.quant import QuantSpec
+        >>> qat = LotionLinear.from_linear(nn.Linear(64, 8), QuantSpec(bits=4, group_size=32)).eval()
+        >>> packed = PackedLinear.from_qat(qat)
+        >>> x = torch.randn(2, 64)
+        >>> torch.equal(packed(x), qat(x))
+        True
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_divisible(group_size, in_features, type(self).__name__)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        n_groups = in_features // resolve_group_size(group_size, in_features)
+        dtype = dtype or torch.get_default_dtype()
+        words = packed_words(in_features, bits)
+        self.register_buffer("weight", torch.zeros(out_features, words, dtype=torch.int32, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, n_groups, dtype=dtype, device=device))
+        self.register_buffer(
+            "weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device)
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_qat(cls, layer: nn.Module) -> PackedLinear:
+        """Pack a `LotionLinear`'s RTN integers and scales (the weights its eval mode uses)."""
+        q, scales = layer.quantize_weight()
+        spec = layer.spec
+        packed = cls(
+            layer.in_features,
+            layer.out_features,
+            spec.bits,
+            spec.group_size,
+            bias=layer.bias is not None,
+            device=layer.weight.device,
+            dtype=layer.weight.dtype,
+        )
+        packed.weight.copy_(pack_int(q, spec.bits))
+        packed.weight_scale.copy_(scales)
+        if layer.bias is not None:
+            packed.bias = layer.bias
+        packed.requires_grad_(False)
+        return packed
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight_scale.dtype
+
+    def int_weight(self) -> torch.Tensor:
+        """The signed integer levels, int8 `(out_features, in_features)`."""
+        return unpack_int(self.weight, self.bits, self.in_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """`s * q` in the scales' dtype, computed exactly as the QAT model's eval mode does."""
+        return dequantize(self.int_weight(), self.weight_scale, self.group_size, self.weight_scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"bits={self.bits}, group_size={self.group_size}"
+        )
