@@ -73,3 +73,12 @@ def test_packed_linear_equals_eval_mode_qat_linear(bits, group_size, dtype):
     assert packed.weight.dtype == torch.int32 and packed.weight_scale.dtype == dtype
     assert packed.weight_shape.tolist() == [13, 96]
     assert not any(p.requires_grad for p in packed.parameters())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8], ids=lambda b: f"{b}bit")
+def test_aligned_fast_path_equals_general_path(bits):
+    from hf_lotion.quant.packing import _unpack_aligned, _unpack_any
+
+    for n in (1, 15, 33, 100):
+        packed = pack_int(random_levels(6, n, bits, seed=n), bits)
+        assert torch.equal(_unpack_aligned(packed, bits, n), _unpack_any(packed, bits, n))

@@ -75,6 +75,23 @@ def unpack_int(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
             f"unpack_int got packed shape {tuple(packed.shape)}; for {n} elements of {bits} bits each row "
             f"needs {packed_words(n, bits)} int32 words."
         )
+    if _WORD % bits == 0:
+        return _unpack_aligned(packed, bits, n)
+    return _unpack_any(packed, bits, n)
+
+
+def _unpack_aligned(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """2, 4 and 8 bits: no value crosses a word, so one broadcast shift per slot unpacks everything."""
+    per_word = _WORD // bits
+    shifts = torch.arange(0, _WORD, bits, dtype=torch.int32, device=packed.device)
+    # Arithmetic shifts of negative words smear the sign bit, but the mask keeps only the slot's bits.
+    unsigned = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    levels = unsigned.reshape(packed.shape[0], packed.shape[1] * per_word)[:, :n]
+    return (levels - (1 << (bits - 1))).to(torch.int8)
+
+
+def _unpack_any(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Any width (3 bits straddles words): gather each element's word and the next one."""
     rows = packed.shape[0]
     words = packed.to(torch.int64) & _MASK32
     words = torch.cat([words, torch.zeros(rows, 1, dtype=torch.int64, device=packed.device)], dim=1)
