@@ -101,7 +101,8 @@ class LotionHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
         """Replace every quantized layer by an `nn.Linear` holding its deploy (RTN) weight."""
-        for name, layer in model.named_modules():
+        # Snapshot the modules first: the loop swaps modules in the tree it walks.
+        for name, layer in list(model.named_modules()):
             if isinstance(layer, LotionLinear):
                 weight = layer.deploy_weight()
             elif isinstance(layer, PackedLinear):
