@@ -13,7 +13,7 @@ gives a model whose linear layers train quantization-aware, and reloading a save
 from .config import LotionConfig
 from .convert import convert
 from .exports import export_compressed_tensors
-from .nn import LotionLinear, PackedLinear, is_lotion_model, lotion_layers
+from .nn import LotionLinear, PackedLinear, is_lotion_model, latent_weights, lotion_layers
 from .quant import QuantSpec, lotion_regularizer
 from .quantizer import LotionHfQuantizer, prepare, register_with_transformers
 
@@ -21,16 +21,32 @@ __version__ = "0.1.0"
 
 register_with_transformers()
 
+# The trainer pulls in transformers.Trainer (and accelerate): import it only when asked for.
+_LAZY = {"LotionTrainer", "LotionRegularizer", "grid_fraction"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "LotionConfig",
     "LotionHfQuantizer",
     "LotionLinear",
+    "LotionRegularizer",
+    "LotionTrainer",
     "PackedLinear",
     "QuantSpec",
     "__version__",
     "convert",
     "export_compressed_tensors",
+    "grid_fraction",
     "is_lotion_model",
+    "latent_weights",
     "lotion_layers",
     "lotion_regularizer",
     "prepare",

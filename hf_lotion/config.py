@@ -8,6 +8,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .quant.spec import (
+    CURVATURE_ESTIMATORS,
     DEFAULT_GRID_BY_BITS,
     GRIDS,
     METHODS,
@@ -19,6 +20,8 @@ from .quant.spec import (
     validate_choice,
     validate_group_size,
     validate_positive_float,
+    validate_positive_int,
+    validate_unit_interval,
 )
 
 QUANT_METHOD = "lotion"
@@ -44,6 +47,11 @@ class LotionConfig(QuantizationConfigMixin):
         learned_scales: learn per-group scales with LSQ's gradient (fake-quant methods only). `None` means
             True for stableqat (as its reference code does) and False otherwise.
         lotion_lambda: strength of LOTION's regulariser (the paper's lambda), >= 0.
+        curvature: LOTION's diagonal curvature estimate `G`: `"fisher"` (EMA of squared loss gradients,
+            no extra pass) or `"gauss_newton"` (gradients of labels sampled from the model, one extra
+            forward and backward every `curvature_every` steps). Either is scaled by the tokens per step.
+        curvature_beta: EMA decay of the curvature estimate, in [0, 1).
+        curvature_every: optimizer steps between Gauss-Newton estimates (ignored by `"fisher"`).
         stableqat_amplitudes: Fourier amplitudes of StableQAT's surrogate (`[]` or `[0.0]` is STE).
         modules_to_not_convert: module names (or prefixes, suffixes, regexes) kept in full precision.
             `None` keeps the output head (and tied weights) in full precision, as other transformers
@@ -63,6 +71,9 @@ class LotionConfig(QuantizationConfigMixin):
     grid: str | None = None
     learned_scales: bool | None = None
     lotion_lambda: float = 1.0
+    curvature: str = "fisher"
+    curvature_beta: float = 0.99
+    curvature_every: int = 10
     stableqat_amplitudes: list[float] | None = None
     modules_to_not_convert: list[str] | None = None
     format: str = "latent"
@@ -76,6 +87,9 @@ class LotionConfig(QuantizationConfigMixin):
         grid: str | None = None,
         learned_scales: bool | None = None,
         lotion_lambda: float = 1.0,
+        curvature: str = "fisher",
+        curvature_beta: float = 0.99,
+        curvature_every: int = 10,
         stableqat_amplitudes: list[float] | None = None,
         modules_to_not_convert: list[str] | None = None,
         format: str = "latent",
@@ -95,6 +109,9 @@ class LotionConfig(QuantizationConfigMixin):
         self.grid = grid
         self.learned_scales = learned_scales
         self.lotion_lambda = lotion_lambda
+        self.curvature = curvature
+        self.curvature_beta = curvature_beta
+        self.curvature_every = curvature_every
         self.stableqat_amplitudes = [0.21] if stableqat_amplitudes is None else stableqat_amplitudes
         self.modules_to_not_convert = modules_to_not_convert
         self.format = format
@@ -109,6 +126,9 @@ class LotionConfig(QuantizationConfigMixin):
             self.grid = DEFAULT_GRID_BY_BITS[self.bits]
         validate_choice("grid", self.grid, GRIDS)
         self.lotion_lambda = validate_positive_float("lotion_lambda", self.lotion_lambda)
+        validate_choice("curvature", self.curvature, CURVATURE_ESTIMATORS)
+        self.curvature_beta = validate_unit_interval("curvature_beta", self.curvature_beta)
+        self.curvature_every = validate_positive_int("curvature_every", self.curvature_every)
         self.stableqat_amplitudes = list(validate_amplitudes(self.stableqat_amplitudes))
         if self.modules_to_not_convert is not None and (
             isinstance(self.modules_to_not_convert, str)

@@ -67,6 +67,20 @@ def test_to_spec():
         ),
         ({"lotion_lambda": float("nan")}, r"LotionConfig\.lotion_lambda=nan"),
         (
+            {"curvature": "adam"},
+            r"LotionConfig\.curvature='adam' is not supported; allowed: one of \('fisher', 'gauss_newton'\)",
+        ),
+        (
+            {"curvature_beta": 1.0},
+            r"LotionConfig\.curvature_beta=1\.0 is not supported; allowed: a number in \[0, 1\)",
+        ),
+        ({"curvature_beta": -0.1}, r"LotionConfig\.curvature_beta=-0\.1"),
+        (
+            {"curvature_every": 0},
+            r"LotionConfig\.curvature_every=0 is not supported; allowed: an integer >= 1",
+        ),
+        ({"curvature_every": 2.5}, r"LotionConfig\.curvature_every=2\.5"),
+        (
             {"stableqat_amplitudes": [0.3]},
             r"LotionConfig\.stableqat_amplitudes=\[0\.3\] .* sum\(\|a_k\|\) < 1/\(sqrt\(2\)\*pi\)",
         ),

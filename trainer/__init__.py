@@ -1,6 +1,19 @@
-"""hf_lotion.trainer: `LotionTrainer`, curvature estimators, callbacks and recipes.
+"""hf_lotion.trainer: `LotionTrainer`, LOTION's regulariser and curvature estimators, diagnostics, recipes.
 
 Installed inside the `hf_lotion` package from the repository's `trainer/` folder (one import root).
-Its contents land with the training issue; the QAT model itself already trains with a plain
-`transformers.Trainer` or a hand-written loop (see the README).
 """
+
+from .curvature import CurvatureEstimator, FisherCurvature, GaussNewtonCurvature
+from .diagnostics import grid_fraction
+from .regularizer import LotionRegularizer, lotion_config_of
+from .trainer import LotionTrainer
+
+__all__ = [
+    "CurvatureEstimator",
+    "FisherCurvature",
+    "GaussNewtonCurvature",
+    "LotionRegularizer",
+    "LotionTrainer",
+    "grid_fraction",
+    "lotion_config_of",
+]

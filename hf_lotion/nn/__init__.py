@@ -4,6 +4,7 @@ from .packed_linear import PackedLinear
 from .qat_linear import LotionLinear
 from .replace import (
     is_lotion_model,
+    latent_weights,
     lotion_layers,
     matches_module,
     quantizable_linears,
@@ -14,6 +15,7 @@ __all__ = [
     "LotionLinear",
     "PackedLinear",
     "is_lotion_model",
+    "latent_weights",
     "lotion_layers",
     "matches_module",
     "quantizable_linears",

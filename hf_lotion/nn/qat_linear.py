@@ -41,6 +41,8 @@ class LotionLinear(nn.Linear):
         check_divisible(spec.group_size, in_features, type(self).__name__)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.spec = spec
+        # Set by `latent_weights()`: evaluate the unquantized latent weight (to report the quantization gap).
+        self.eval_latent = False
         if spec.learned_scales:
             n_groups = in_features // resolve_group_size(spec.group_size, in_features)
             self.weight_scale = nn.Parameter(torch.empty(out_features, n_groups, device=device, dtype=dtype))
@@ -100,12 +102,14 @@ class LotionLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         if not self.training:
+            if self.eval_latent:
+                return F.linear(x, self.weight, self.bias)
             weight = fake_quantize(self.weight, self.quant_scales(), spec.bits, spec.group_size)
         elif spec.method in FAKE_QUANT_METHODS:
             weight = fake_quantize(
                 self.weight, self.quant_scales(), spec.bits, spec.group_size, spec.surrogate_amplitudes
             )
-        else:
+        else:  # lotion and rtn train the latent weight
             weight = self.weight
         return F.linear(x, weight, self.bias)
 

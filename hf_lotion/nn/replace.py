@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -120,3 +121,24 @@ def lotion_layers(model: nn.Module) -> list[tuple[str, LotionLinear]]:
 def is_lotion_model(model: nn.Module) -> bool:
     """Whether `model` has at least one `LotionLinear` layer."""
     return any(isinstance(m, LotionLinear) for m in model.modules())
+
+
+@contextmanager
+def latent_weights(model: nn.Module) -> Iterator[None]:
+    """Within the block, eval-mode `LotionLinear` layers use the unquantized latent weight.
+
+    Eval mode normally runs the deployed RTN weight; this shows the loss of the latent model beside it.
+
+    Example:
+        >>> with latent_weights(model):  # doctest: +SKIP
+        ...     latent_loss = model(**batch).loss
+    """
+    layers = [layer for _, layer in lotion_layers(model)]
+    previous = [layer.eval_latent for layer in layers]
+    for layer in layers:
+        layer.eval_latent = True
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, previous, strict=True):
+            layer.eval_latent = flag

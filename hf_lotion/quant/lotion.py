@@ -70,6 +70,35 @@ def lotion_penalty_grad(
     return (0.5 * strength * curvature.detach().to(p.dtype) * slope).to(weight.dtype)
 
 
+def lotion_penalty_and_grad(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    curvature: torch.Tensor,
+    bits: int,
+    group_size: int,
+    strength: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lotion_penalty` and `lotion_penalty_grad` from one pass over the weight (what trainers call per step)."""
+    p = grouped(rounding_position(weight, scales, bits, group_size), group_size)
+    s = scales.detach().to(p.dtype).unsqueeze(-1)
+    g = curvature.detach().to(p.dtype)
+    half_strength = 0.5 * strength
+    value = half_strength * (g * (s * s * p * (1.0 - p)).reshape(weight.shape)).sum()
+    slope = torch.where(p > 0, s * (1.0 - 2.0 * p), 0.0).reshape(weight.shape)
+    return value, (half_strength * g * slope).to(weight.dtype)
+
+
+def grid_distance(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Distance of each (clamped) weight to its nearest grid point, in units of its scale: in [0, 0.5].
+
+    Example:
+        >>> grid_distance(torch.tensor([[0.23, 0.3]]), torch.tensor([[0.1]]), bits=4, group_size=-1)
+        tensor([[0.3000, 0.0000]])
+    """
+    p = rounding_position(weight, scales, bits, group_size)
+    return torch.minimum(p, 1.0 - p)
+
+
 class _LotionPenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, scales, curvature, bits, group_size, strength):

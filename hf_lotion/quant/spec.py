@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 SUPPORTED_BITS = (2, 3, 4, 8)
 METHODS = ("lotion", "stableqat", "ste", "rtn")
 GRIDS = ("full", "restricted")
+# Diagonal curvature estimators for LOTION's regulariser (see `hf_lotion.trainer.curvature`).
+CURVATURE_ESTIMATORS = ("fisher", "gauss_newton")
 # Methods whose training forward fake-quantizes the weight (and can therefore learn scales).
 FAKE_QUANT_METHODS = ("stableqat", "ste")
 
@@ -57,6 +59,19 @@ def validate_group_size(group_size: object, owner: str = "LotionConfig") -> int:
 def validate_choice(name: str, value: object, choices: Sequence[str], owner: str = "LotionConfig") -> str:
     if value not in choices:
         invalid_value(owner, name, value, f"one of {tuple(choices)}")
+    return value  # type: ignore[return-value]
+
+
+def validate_unit_interval(name: str, value: object, owner: str = "LotionConfig") -> float:
+    """A float in [0, 1) (EMA decay rates)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        invalid_value(owner, name, value, "a number in [0, 1)")
+    return float(value)  # type: ignore[arg-type]
+
+
+def validate_positive_int(name: str, value: object, owner: str = "LotionConfig") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        invalid_value(owner, name, value, "an integer >= 1")
     return value  # type: ignore[return-value]
 
 
