@@ -139,8 +139,8 @@ def test_regularizer_pulls_weights_toward_the_grid():
     # With no loss gradient beyond the penalty, SGD on it must raise the share of weights near the grid.
     model = lotion_model(bits=2, lotion_lambda=1.0)
     regularizer = LotionRegularizer(model)
-    for _, layer in hf_lotion.lotion_layers(model):
-        regularizer.estimator.ema[_] = torch.ones_like(layer.weight)
+    for name, layer in hf_lotion.lotion_layers(model):
+        regularizer.estimator.ema[name] = torch.ones_like(layer.weight)
     regularizer.estimator.updates = 10**6
     regularizer.estimator.observe = lambda *a, **k: None  # keep G fixed at 1
     before = grid_fraction(model)
@@ -208,6 +208,17 @@ def test_trainer_trains_logs_penalty_and_grid_fraction_and_evaluates_quantized(t
     assert metrics["eval_latent_loss"] == pytest.approx(latent, rel=1e-5)
     assert metrics["eval_quantization_gap"] == pytest.approx(quantized - latent, abs=1e-5)
     assert quantized != latent
+
+
+def test_periodic_evaluation_during_training_logs_quantized_and_latent_loss(tmp_path):
+    args = training_args(tmp_path, eval_strategy="steps", eval_steps=2, lr_scheduler_type="cosine", warmup_steps=1)
+    trainer = LotionTrainer(
+        model=lotion_model(), args=args, train_dataset=random_blocks(32, 14), eval_dataset=random_blocks(8, 15)
+    )
+    trainer.train()
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evals] == [2, 4]
+    assert all(entry["eval_latent_loss"] > 0 and "eval_quantization_gap" in entry for entry in evals)
 
 
 @pytest.mark.parametrize("method", ["lotion", "ste", "stableqat"])
@@ -381,3 +392,27 @@ def test_penalty_value_matches_its_definition():
         )
         expected += (0.5 * 2.0 * n * grads[name] ** 2 * sigma2).sum().item()
     assert math.isclose(value, expected, rel_tol=1e-5)
+
+
+def test_regularizer_with_fp16_loss_scale_matches_the_unscaled_step():
+    batch = batch_of(random_blocks(4, 12))
+    plain, scaled = lotion_model(seed=3), lotion_model(seed=3)
+    plain(**batch).loss.backward()
+    (scaled(**batch).loss * 1024.0).backward()
+    LotionRegularizer(plain).step(batch)
+    LotionRegularizer(scaled).step(batch, grad_scale=1024.0)
+    for (name, a), (_, b) in zip(
+        hf_lotion.lotion_layers(plain), hf_lotion.lotion_layers(scaled), strict=True
+    ):
+        torch.testing.assert_close(b.weight.grad / 1024.0, a.weight.grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_regularizer_skips_the_curvature_update_when_fp16_gradients_overflow():
+    model = lotion_model()
+    batch = batch_of(random_blocks(4, 13))
+    model(**batch).loss.backward()
+    _, layer = hf_lotion.lotion_layers(model)[0]
+    layer.weight.grad[0, 0] = float("inf")
+    regularizer = LotionRegularizer(model)
+    regularizer.step(batch, grad_scale=65536.0)
+    assert regularizer.estimator.updates == 0
