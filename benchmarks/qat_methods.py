@@ -23,7 +23,7 @@ from transformers.utils import logging as hf_logging
 from hf_lotion.trainer.recipes import train_tiny_byte_llama
 
 
-def run(method, bits, seed, lr, steps, group_size=32, lotion_overrides=None):
+def run(method, bits, seed, lr, steps, group_size=32, overrides=None):
     metrics = train_tiny_byte_llama(
         method,
         bits,
@@ -31,7 +31,7 @@ def run(method, bits, seed, lr, steps, group_size=32, lotion_overrides=None):
         learning_rate=lr,
         max_steps=steps,
         group_size=group_size,
-        **(lotion_overrides or {}),
+        **(overrides or {}),
     )
     return {
         "method": method,
@@ -43,7 +43,7 @@ def run(method, bits, seed, lr, steps, group_size=32, lotion_overrides=None):
         "latent_loss": metrics["eval_latent_loss"],
         "train_s": metrics["train_seconds"],
         "s_per_step": metrics["train_seconds"] / steps,
-        **({"overrides": lotion_overrides} if lotion_overrides else {}),
+        **({"overrides": overrides} if overrides else {}),
     }
 
 
@@ -61,7 +61,15 @@ def main() -> None:
         "--lotion", type=json.loads, default=None, help="LotionConfig overrides for lotion, JSON"
     )
     parser.add_argument("--out", default="qat_methods.jsonl")
+    parser.add_argument("--summarize", nargs="+", metavar="JSONL", help="only print the tables of saved runs")
     args = parser.parse_args()
+    if args.summarize:
+        saved = []
+        for path in args.summarize:
+            with open(path) as handle:
+                saved += [json.loads(line) for line in handle if line.strip()]
+        print(summary_table(saved) + "\n\n" + best_lr_table(saved))
+        return
     hf_logging.set_verbosity_error()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
@@ -71,22 +79,55 @@ def main() -> None:
             for method in args.methods:
                 for lr in args.lrs:
                     for seed in args.seeds:
-                        overrides = args.lotion if method == "lotion" else None
+                        overrides = (args.options or {}) | ((args.lotion or {}) if method == "lotion" else {})
                         result = run(
-                            method, bits, seed, lr, args.steps, args.group_size, lotion_overrides=overrides
+                            method,
+                            bits,
+                            seed,
+                            lr,
+                            args.steps,
+                            args.group_size,
+                            overrides=overrides or None,
                         )
                         results.append(result)
                         sink.write(json.dumps(result) + "\n")
                         sink.flush()
                         print(json.dumps(result), flush=True)
-    print(summary_table(results))
+    print(summary_table(results) + "\n\n" + best_lr_table(results))
+
+
+def variant(result: dict) -> str:
+    overrides = result.get("overrides")
+    return result["method"] + (" " + json.dumps(overrides, sort_keys=True) if overrides else "")
+
+
+def best_lr_table(results: list[dict]) -> str:
+    """Markdown: per (bits, method) the learning rate with the lowest mean quantized eval loss."""
+    groups: dict[tuple, dict[float, list[float]]] = {}
+    latent: dict[tuple, list[float]] = {}
+    for r in results:
+        key = (r["bits"], variant(r))
+        groups.setdefault(key, {}).setdefault(r["lr"], []).append(r["eval_loss"])
+        latent.setdefault((*key, r["lr"]), []).append(r["latent_loss"])
+    lines = [
+        "| bits | method | best lr | quantized eval loss, mean ± sd (min-max) | latent | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (bits, name), by_lr in sorted(groups.items()):
+        lr, losses = min(by_lr.items(), key=lambda item: statistics.mean(item[1]))
+        sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
+        lines.append(
+            f"| {bits} | {name} | {lr:g} | {statistics.mean(losses):.3f} ± {sd:.3f} "
+            f"({min(losses):.3f}-{max(losses):.3f}) | {statistics.mean(latent[(bits, name, lr)]):.3f} | {len(losses)} |"
+        )
+    return "\n".join(lines)
 
 
 def summary_table(results: list[dict]) -> str:
     """Markdown: per (bits, method, lr) the mean and spread of the quantized eval loss over seeds."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["bits"], r["method"], r["lr"]), []).append(r)
+        groups.setdefault((r["bits"], variant(r), r["lr"]), []).append(r)
     lines = [
         "| bits | method | lr | quantized eval loss (mean ± sd) | latent loss | seeds |",
         "|---|---|---|---|---|---|",

@@ -6,8 +6,8 @@ Importing the package registers quant_method "lotion" with transformers, so that
     >>> import hf_lotion
     >>> model = AutoModelForCausalLM.from_pretrained(path, quantization_config=hf_lotion.LotionConfig(bits=4))  # doctest: +SKIP
 
-gives a model whose linear layers train quantization-aware, and reloading a saved one needs only
-`import hf_lotion` first.
+gives a model whose linear layers train quantization-aware (with `hf_lotion.LotionTrainer`, or a plain
+loop plus `hf_lotion.LotionRegularizer`), and reloading a saved one needs only `import hf_lotion` first.
 """
 
 from .config import LotionConfig

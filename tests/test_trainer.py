@@ -354,6 +354,23 @@ def test_trainer_refuses_a_compiled_model(tmp_path):
         LotionTrainer(model=model, args=training_args(tmp_path))
 
 
+@pytest.mark.parametrize("method", ["lotion", "stableqat"])
+def test_trainer_with_torch_compile_trains_and_evaluates_like_eager(tmp_path, method):
+    # aot_eager traces through the QAT layers and autograd functions without needing a C++ compiler.
+    model, evals = lotion_model(method=method), random_blocks(8, 16)
+    args = training_args(tmp_path, torch_compile=True, torch_compile_backend="aot_eager", max_steps=2)
+    trainer = LotionTrainer(model=model, args=args, train_dataset=random_blocks(32, 17), eval_dataset=evals)
+    trainer.train()
+    metrics = trainer.evaluate()
+    model.eval()
+    with torch.no_grad():
+        quantized = model(**batch_of(evals, 8)).loss.item()
+        with hf_lotion.latent_weights(model):
+            latent = model(**batch_of(evals, 8)).loss.item()
+    assert metrics["eval_loss"] == pytest.approx(quantized, rel=1e-5)
+    assert metrics["eval_latent_loss"] == pytest.approx(latent, rel=1e-5)
+
+
 def test_trainer_refuses_a_packed_model(tmp_path):
     model = hf_lotion.convert(lotion_model())
     with pytest.raises(ValueError, match=r"packed model .* cannot be trained"):
