@@ -60,6 +60,9 @@ def main() -> None:
     parser.add_argument(
         "--lotion", type=json.loads, default=None, help="LotionConfig overrides for lotion, JSON"
     )
+    parser.add_argument(
+        "--options", type=json.loads, default=None, help="LotionConfig overrides, every method"
+    )
     parser.add_argument("--out", default="qat_methods.jsonl")
     parser.add_argument("--summarize", nargs="+", metavar="JSONL", help="only print the tables of saved runs")
     args = parser.parse_args()
