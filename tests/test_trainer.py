@@ -211,9 +211,14 @@ def test_trainer_trains_logs_penalty_and_grid_fraction_and_evaluates_quantized(t
 
 
 def test_periodic_evaluation_during_training_logs_quantized_and_latent_loss(tmp_path):
-    args = training_args(tmp_path, eval_strategy="steps", eval_steps=2, lr_scheduler_type="cosine", warmup_steps=1)
+    args = training_args(
+        tmp_path, eval_strategy="steps", eval_steps=2, lr_scheduler_type="cosine", warmup_steps=1
+    )
     trainer = LotionTrainer(
-        model=lotion_model(), args=args, train_dataset=random_blocks(32, 14), eval_dataset=random_blocks(8, 15)
+        model=lotion_model(),
+        args=args,
+        train_dataset=random_blocks(32, 14),
+        eval_dataset=random_blocks(8, 15),
     )
     trainer.train()
     evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
