@@ -123,10 +123,16 @@ class LotionTrainer(Trainer):
             return output
         # The same data through the unquantized latent weights, so the quantization gap is visible.
         latent_prefix = f"{metric_key_prefix}_latent"
-        with latent_weights(self.model):
-            latent = super().evaluation_loop(
-                dataloader, "Latent evaluation", True, ignore_keys, metric_key_prefix=latent_prefix
-            )
+        handler = self.callback_handler
+        # One evaluate() is one pass for callbacks (progress bars): the latent pass reports no steps.
+        handler.on_prediction_step = lambda args, state, control: control
+        try:
+            with latent_weights(self.model):
+                latent = super().evaluation_loop(
+                    dataloader, "Latent evaluation", True, ignore_keys, metric_key_prefix=latent_prefix
+                )
+        finally:
+            del handler.on_prediction_step
         latent_loss = latent.metrics.get(f"{latent_prefix}_loss")
         if latent_loss is not None:
             output.metrics[f"{latent_prefix}_loss"] = latent_loss
