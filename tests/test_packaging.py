@@ -54,7 +54,8 @@ def test_wheel_installs_and_imports_from_a_fresh_process(tmp_path):
         [
             "import importlib, hf_lotion",
             *[f"importlib.import_module('{m}')" for m in SUBPACKAGES],
-            "import hf_lotion.trainer, hf_lotion.cards",
+            "import hf_lotion.trainer, hf_lotion.cards, hf_lotion.trainer.recipes",
+            "assert hf_lotion.LotionTrainer.__module__ == 'hf_lotion.trainer.trainer'",
             "print(hf_lotion.__file__); print(hf_lotion.trainer.__file__); print(hf_lotion.cards.__file__)",
             "print(hf_lotion.LotionConfig(bits=4).bits)",
         ]
