@@ -66,15 +66,7 @@ class LotionHfQuantizer(HfQuantizer):
         shapes = [(name, m.out_features, m.in_features) for name, m in layers]
         check_packed_checkpoint(checkpoint_files, shapes, config.bits, config.group_size)
         for name, module in layers:
-            packed = PackedLinear(
-                module.in_features,
-                module.out_features,
-                config.bits,
-                config.group_size,
-                bias=module.bias is not None,
-                device="meta",
-                dtype=module.weight.dtype,
-            )
+            packed = PackedLinear.empty_like(module, config.bits, config.group_size, device="meta")
             model.set_submodule(name, packed)
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:

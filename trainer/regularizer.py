@@ -127,7 +127,7 @@ class LotionRegularizer:
         step, self.steps = self.steps, self.steps + 1
         self._update_curvature(step, batch, float(num_tokens), grad_scale)
 
-        total = torch.zeros((), dtype=torch.float32)
+        values = []
         for name, layer in self.layers.items():
             curvature = self.estimator.estimate(name)
             if curvature is None:
@@ -147,8 +147,12 @@ class LotionRegularizer:
                 layer.weight.grad = grad
             else:
                 layer.weight.grad.add_(grad)
-            total = total.to(value.device) + value.float()
-        return total
+            values.append(value.float())
+        return torch.stack(values).sum() if values else torch.zeros(())
+
+    def needs_batch(self) -> bool:
+        """Whether the next `step` runs a sampled-label pass and so needs the batch on the model's device."""
+        return self.active and self.estimator.is_due(self.steps)
 
     def _update_curvature(
         self, step: int, batch: Mapping[str, Any] | None, num_tokens: float, grad_scale: float

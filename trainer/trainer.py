@@ -8,7 +8,8 @@ import os
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import Trainer
 
@@ -78,7 +79,7 @@ class LotionTrainer(Trainer):
         self._lotion_local_tokens = 0
         scaler = getattr(self.accelerator, "scaler", None)
         grad_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        batch = self._prepare_inputs(inputs) if regularizer.estimator.is_due(regularizer.steps) else None
+        batch = self._prepare_inputs(inputs) if regularizer.needs_batch() else None
         penalty = regularizer.step(batch, num_tokens=num_tokens, grad_scale=grad_scale)
         if penalty is not None:
             penalty = penalty.detach()
@@ -181,20 +182,17 @@ def save_curvature_state(regularizer: LotionRegularizer, directory: str) -> None
 
 def load_curvature_state(regularizer: LotionRegularizer, directory: str) -> None:
     """Restore what `save_curvature_state` wrote, onto the devices of the regulariser's layers."""
-    from safetensors import safe_open
-
     path = os.path.join(directory, CURVATURE_FILE)
     with safe_open(path, "pt") as handle:
         metadata = handle.metadata() or {}
-    tensors = load_file(path)
-    unknown = sorted(set(tensors) - set(regularizer.layers))
-    if unknown:
-        raise ValueError(
-            f"{path} holds curvature for layers this model does not train with LOTION: {unknown[:3]}... "
-            "Resume with the model the checkpoint was trained with."
-        )
-    for name, tensor in tensors.items():
-        tensors[name] = tensor.to(regularizer.layers[name].weight.device)
+        names = list(handle.keys())
+        unknown = sorted(set(names) - set(regularizer.layers))
+        if unknown:
+            raise ValueError(
+                f"{path} holds curvature for layers this model does not train with LOTION: {unknown[:3]}... "
+                "Resume with the model the checkpoint was trained with."
+            )
+        tensors = {name: handle.get_tensor(name).to(regularizer.layers[name].weight.device) for name in names}
     regularizer.load_state_dict(
         {
             "steps": int(metadata["steps"]),

@@ -59,19 +59,26 @@ class PackedLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
+    def empty_like(
+        cls, linear: nn.Linear, bits: int, group_size: int, device: torch.device | str | None = None
+    ) -> PackedLinear:
+        """An unfilled packed layer with `linear`'s shape, bias and dtype, on `device` (default: `linear`'s)."""
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            bits,
+            group_size,
+            bias=linear.bias is not None,
+            device=linear.weight.device if device is None else device,
+            dtype=linear.weight.dtype,
+        )
+
+    @classmethod
     def from_qat(cls, layer: nn.Module) -> PackedLinear:
         """Pack a `LotionLinear`'s RTN integers and scales (the weights its eval mode uses)."""
         q, scales = layer.quantize_weight()
         spec = layer.spec
-        packed = cls(
-            layer.in_features,
-            layer.out_features,
-            spec.bits,
-            spec.group_size,
-            bias=layer.bias is not None,
-            device=layer.weight.device,
-            dtype=layer.weight.dtype,
-        )
+        packed = cls.empty_like(layer, spec.bits, spec.group_size)
         packed.weight.copy_(pack_int(q, spec.bits))
         packed.weight_scale.copy_(scales)
         if layer.bias is not None:

@@ -25,6 +25,23 @@ def rounding_position(weight: torch.Tensor, scales: torch.Tensor, bits: int, gro
     return p.reshape(weight.shape)
 
 
+def _grouped_position(
+    weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`p` grouped `(out, n_groups, group)` and the detached scales broadcast to it, in `p`'s dtype."""
+    p = grouped(rounding_position(weight, scales, bits, group_size), group_size)
+    return p, scales.detach().to(p.dtype).unsqueeze(-1)
+
+
+def _variance(p: torch.Tensor, s: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return (s * s * p * (1.0 - p)).reshape(shape)
+
+
+def _slope(p: torch.Tensor, s: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`d sigma^2 / dw = s (1 - 2p)`, with the zero subgradient at grid points (`p = 0`)."""
+    return torch.where(p > 0, s * (1.0 - 2.0 * p), 0.0).reshape(shape)
+
+
 def rounding_variance(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """`sigma^2 = s^2 p (1 - p)`, the variance of randomized rounding, `(out, in)`.
 
@@ -32,9 +49,7 @@ def rounding_variance(weight: torch.Tensor, scales: torch.Tensor, bits: int, gro
         >>> rounding_variance(torch.tensor([[0.23]]), torch.tensor([[0.1]]), bits=4, group_size=-1)
         tensor([[0.0021]])
     """
-    p = grouped(rounding_position(weight, scales, bits, group_size), group_size)
-    s = scales.detach().to(p.dtype).unsqueeze(-1)
-    return (s * s * p * (1.0 - p)).reshape(weight.shape)
+    return _variance(*_grouped_position(weight, scales, bits, group_size), weight.shape)
 
 
 def lotion_penalty(
@@ -64,9 +79,8 @@ def lotion_penalty_grad(
         >>> lotion_penalty_grad(torch.tensor([[0.23]]), torch.tensor([[0.1]]), torch.ones(1, 1), 4, -1, 2.0)
         tensor([[0.0400]])
     """
-    p = grouped(rounding_position(weight, scales, bits, group_size), group_size)
-    s = scales.detach().to(p.dtype).unsqueeze(-1)
-    slope = torch.where(p > 0, s * (1.0 - 2.0 * p), 0.0).reshape(weight.shape)
+    p, s = _grouped_position(weight, scales, bits, group_size)
+    slope = _slope(p, s, weight.shape)
     return (0.5 * strength * curvature.detach().to(p.dtype) * slope).to(weight.dtype)
 
 
@@ -79,13 +93,10 @@ def lotion_penalty_and_grad(
     strength: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`lotion_penalty` and `lotion_penalty_grad` from one pass over the weight (what trainers call per step)."""
-    p = grouped(rounding_position(weight, scales, bits, group_size), group_size)
-    s = scales.detach().to(p.dtype).unsqueeze(-1)
+    p, s = _grouped_position(weight, scales, bits, group_size)
     g = curvature.detach().to(p.dtype)
-    half_strength = 0.5 * strength
-    value = half_strength * (g * (s * s * p * (1.0 - p)).reshape(weight.shape)).sum()
-    slope = torch.where(p > 0, s * (1.0 - 2.0 * p), 0.0).reshape(weight.shape)
-    return value, (half_strength * g * slope).to(weight.dtype)
+    value = 0.5 * strength * (g * _variance(p, s, weight.shape)).sum()
+    return value, (0.5 * strength * g * _slope(p, s, weight.shape)).to(weight.dtype)
 
 
 def grid_distance(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
