@@ -10,6 +10,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter, which must be chosen before anything
+# imports triton (transformers and bitsandbytes may).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,

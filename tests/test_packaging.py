@@ -15,7 +15,16 @@ import hf_lotion
 from hf_lotion.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["hf_lotion.quant", "hf_lotion.nn", "hf_lotion.trainer", "hf_lotion.cards", "hf_lotion.cli"]
+SUBPACKAGES = [
+    "hf_lotion.quant",
+    "hf_lotion.nn",
+    "hf_lotion.kernels",
+    "hf_lotion.kernels.fake_quant",
+    "hf_lotion.kernels.packed_matmul",
+    "hf_lotion.trainer",
+    "hf_lotion.cards",
+    "hf_lotion.cli",
+]
 
 
 def test_installed_import_root():

@@ -81,6 +81,22 @@ class FisherCurvature(CurvatureEstimator):
         factor = float(num_tokens) / (grad_scale * grad_scale)
         self.update({name: grad.float().square().mul_(factor) for name, grad in grads.items()})
 
+    def begin_fused_update(self, num_tokens: float, grad_scale: float = 1.0) -> tuple[float, float, float]:
+        """For a kernel that updates the EMA itself: count the update, return `(beta, factor, bias_correction)`.
+
+        The kernel computes `ema <- beta * ema + (1 - beta) * factor * grad**2` and uses `ema * bias_correction`,
+        which is `observe` followed by `estimate`.
+        """
+        self.updates += 1
+        return self.beta, float(num_tokens) / (grad_scale * grad_scale), self.bias_correction()
+
+    def state(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The EMA tensor of layer `name` (fp32, contiguous), zeros on first use: `beta * 0 + ...` is exact."""
+        ema = self.ema.get(name)
+        if ema is None:
+            ema = self.ema[name] = torch.zeros(like.shape, device=like.device, dtype=torch.float32)
+        return ema
+
 
 class GaussNewtonCurvature(CurvatureEstimator):
     """Gauss-Newton diagonal from labels sampled from the model, refreshed every `every` optimizer steps."""

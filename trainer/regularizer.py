@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_lotion import kernels
 from hf_lotion.config import LotionConfig
 from hf_lotion.nn import LotionLinear, lotion_layers
 from hf_lotion.quant.lotion import lotion_penalty_and_grad
@@ -125,6 +126,8 @@ class LotionRegularizer:
                 )
             num_tokens = count_target_tokens(batch)
         step, self.steps = self.steps, self.steps + 1
+        if self._can_fuse(grad_scale):
+            return self._fused_fisher_step(float(num_tokens), grad_scale)
         self._update_curvature(step, batch, float(num_tokens), grad_scale)
 
         values = []
@@ -133,13 +136,22 @@ class LotionRegularizer:
             if curvature is None:
                 continue
             spec = layer.spec
+            weight, current = layer.weight.detach(), layer.weight.grad
+            if current is not None and current.is_contiguous() and kernels.lotion_kernel_available(weight):
+                value = kernels.lotion_regularizer_step_(
+                    weight,
+                    layer.quant_scales(),
+                    current,
+                    curvature,
+                    spec.bits,
+                    spec.group_size,
+                    self.strength,
+                    grad_scale,
+                )
+                values.append(value)
+                continue
             value, grad = lotion_penalty_and_grad(
-                layer.weight.detach(),
-                layer.quant_scales(),
-                curvature,
-                spec.bits,
-                spec.group_size,
-                self.strength,
+                weight, layer.quant_scales(), curvature, spec.bits, spec.group_size, self.strength
             )
             if grad_scale != 1.0:
                 grad = grad * grad_scale
@@ -149,6 +161,39 @@ class LotionRegularizer:
                 layer.weight.grad.add_(grad)
             values.append(value.float())
         return torch.stack(values).sum() if values else torch.zeros(())
+
+    def _can_fuse(self, grad_scale: float) -> bool:
+        """Empirical Fisher on Triton-capable tensors: curvature update and regulariser in one kernel per layer."""
+        if not isinstance(self.estimator, FisherCurvature):
+            return False
+        for layer in self.layers.values():
+            grad = layer.weight.grad
+            if grad is None or not grad.is_contiguous() or not kernels.lotion_kernel_available(layer.weight):
+                return False
+            if grad_scale != 1.0 and not torch.isfinite(grad).all():
+                return False  # the reference path skips the curvature update of an overflowed step
+        return True
+
+    def _fused_fisher_step(self, num_tokens: float, grad_scale: float) -> torch.Tensor:
+        estimator = self.estimator
+        beta, factor, correction = estimator.begin_fused_update(num_tokens, grad_scale)
+        values = []
+        for name, layer in self.layers.items():
+            spec = layer.spec
+            values.append(
+                kernels.lotion_regularizer_step_(
+                    layer.weight.detach(),
+                    layer.quant_scales(),
+                    layer.weight.grad,
+                    estimator.state(name, layer.weight),
+                    spec.bits,
+                    spec.group_size,
+                    self.strength,
+                    grad_scale,
+                    fisher=(beta, factor, correction),
+                )
+            )
+        return torch.stack(values).sum()
 
     def needs_batch(self) -> bool:
         """Whether the next `step` runs a sampled-label pass and so needs the batch on the model's device."""

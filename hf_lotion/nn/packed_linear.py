@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..quant.grid import dequantize
+from ..kernels import dequantize_packed, packed_linear
 from ..quant.packing import pack_int, packed_words, unpack_int
 from ..quant.spec import check_divisible, resolve_group_size
 
@@ -19,7 +18,9 @@ class PackedLinear(nn.Module):
     checkpoint (size mismatch on `weight`) instead of silently building random weights, and export to
     compressed-tensors is a renaming. The weight is dequantized on the fly in every forward (nothing is
     cached, so memory stays low-bit) with the same arithmetic as `LotionLinear`'s eval mode, so outputs
-    are bit-identical to the QAT model before `convert`.
+    are bit-identical to the QAT model before `convert`. On CUDA, inputs of up to
+    `hf_lotion.kernels.packed_matmul.GEMV_MAX_M` rows use a fused Triton GEMV that reads only the packed
+    weight (outputs equal to rounding), larger ones dequantize in Triton and call cuBLAS (bit-identical).
 
     Example:
         >>> from hf_lotion.nn import LotionLinear
@@ -96,10 +97,13 @@ class PackedLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """`s * q` in the scales' dtype, computed exactly as the QAT model's eval mode does."""
-        return dequantize(self.int_weight(), self.weight_scale, self.group_size, self.weight_scale.dtype)
+        return dequantize_packed(self.weight, self.weight_scale, self.bits, self.group_size, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(), self.bias)
+        # On CUDA: the Triton GEMV for decode-sized inputs, dequantize + cuBLAS for larger ones.
+        return packed_linear(
+            x, self.weight, self.weight_scale, self.bias, self.bits, self.group_size, self.in_features
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.fake_quant import fake_quantize
-from ..quant.grid import absmax_scales, quantize_rtn, scale_floor
+from ..kernels import absmax_scales, fake_quantize
+from ..quant.grid import quantize_rtn, scale_floor
 from ..quant.spec import FAKE_QUANT_METHODS, QuantSpec, check_divisible, resolve_group_size
 
 

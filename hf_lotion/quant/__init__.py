@@ -10,6 +10,8 @@ from .fake_quant import (
     stableqat_fake_quantize,
     stableqat_surrogate,
     ste_fake_quantize,
+    stochastic_fake_quantize,
+    stochastic_levels,
 )
 from .grid import (
     absmax_scales,
@@ -29,7 +31,7 @@ from .lotion import (
     rounding_variance,
 )
 from .packing import pack_int, packed_words, unpack_int
-from .rounding import rounding_split, stochastic_round
+from .rounding import counter_uniform, philox_uint32, rounding_split, stochastic_round
 from .spec import DEFAULT_GRID_BY_BITS, GRIDS, METHODS, SUPPORTED_BITS, QuantSpec
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "SUPPORTED_BITS",
     "QuantSpec",
     "absmax_scales",
+    "counter_uniform",
     "dequantize",
     "fake_quantize",
     "fake_quantize_rtn",
@@ -50,6 +53,7 @@ __all__ = [
     "lsq_gradient_scale",
     "pack_int",
     "packed_words",
+    "philox_uint32",
     "quantize_rtn",
     "rounding_position",
     "rounding_split",
@@ -59,6 +63,8 @@ __all__ = [
     "stableqat_fake_quantize",
     "stableqat_surrogate",
     "ste_fake_quantize",
+    "stochastic_fake_quantize",
+    "stochastic_levels",
     "stochastic_round",
     "unpack_int",
 ]

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from .grid import dequantize, grouped, int_range, math_dtype, scaled_values
+from .rounding import stochastic_round
 from .spec import SURROGATE_COEFF
 
 
@@ -108,3 +109,62 @@ def stableqat_fake_quantize(
 ) -> torch.Tensor:
     """RTN forward, StableQAT's Fourier-surrogate backward (`amplitudes=()` is exactly STE)."""
     return fake_quantize(weight, scales, bits, group_size, amplitudes)
+
+
+def stochastic_levels(
+    weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, seed: int, offset: int = 0
+) -> torch.Tensor:
+    """Randomized-rounding levels `RR(clamp(w / s))`, `(out, in)` in the math dtype, counter-based in `seed`.
+
+    Element `(i, j)` uses counter `offset + i * in_features + j`, as the Triton kernel does.
+    """
+    qmin, qmax = int_range(bits)
+    v = scaled_values(weight.detach(), scales.detach(), group_size)
+    return stochastic_round(v, qmin, qmax, seed=seed, offset=offset).reshape(weight.shape)
+
+
+class _StochasticFakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, scales, bits, group_size, seed, offset):
+        q = stochastic_levels(weight, scales, bits, group_size, seed, offset)
+        ctx.save_for_backward(weight, scales)
+        ctx.bits, ctx.group_size, ctx.seed, ctx.offset = bits, group_size, seed, offset
+        return dequantize(q, scales, group_size, weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight, scales = ctx.saved_tensors
+        qmin, qmax = int_range(ctx.bits)
+        v = scaled_values(weight, scales, ctx.group_size)
+        inside = (v >= qmin) & (v <= qmax)
+        grad = grouped(grad_output.to(v.dtype), ctx.group_size)
+        grad_weight = grad_scales = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = torch.where(inside, grad, 0.0).reshape(weight.shape).to(weight.dtype)
+        if ctx.needs_input_grad[1]:
+            # The levels are regenerated from the seed, not stored.
+            q = grouped(
+                stochastic_levels(weight, scales, ctx.bits, ctx.group_size, ctx.seed, ctx.offset),
+                ctx.group_size,
+            )
+            dwhat_ds = torch.where(inside, q - v, q)
+            factor = lsq_gradient_scale(weight.numel(), ctx.bits)
+            grad_scales = ((grad * dwhat_ds).sum(dim=-1) * factor).to(scales.dtype)
+        return grad_weight, grad_scales, None, None, None, None
+
+
+def stochastic_fake_quantize(
+    weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, seed: int, offset: int = 0
+) -> torch.Tensor:
+    """`s * RR(w / s)`: fake quantization with unbiased randomized rounding, straight-through backward.
+
+    The noise is a function of `(seed, offset + element index)` only (Philox, as in the Triton kernel), so
+    the forward is reproducible on any device and the backward regenerates the levels for the LSQ scale
+    gradient instead of storing them. Use a new `seed` (or `offset`) per step for fresh noise.
+
+    Example:
+        >>> w = torch.tensor([[0.23, -0.05, 0.4]])
+        >>> stochastic_fake_quantize(w, torch.tensor([[0.1]]), bits=4, group_size=-1, seed=3)
+        tensor([[0.2000, 0.0000, 0.4000]])
+    """
+    return _StochasticFakeQuantize.apply(weight, scales, bits, group_size, int(seed), int(offset))

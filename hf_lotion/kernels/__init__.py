@@ -1,0 +1,158 @@
+"""Fast paths: Triton kernels on CUDA, the plain-PyTorch reference (`hf_lotion.quant`) everywhere else.
+
+Every function here has the signature and the results of its reference and dispatches per call (see
+`dispatch`): Triton when `use_triton(tensor)` says so and the dtype is one the kernels handle (fp32,
+bf16, fp16; float64 always takes the reference), else the reference. Kernel modules import triton, so
+they are imported only when a kernel is about to run.
+
+One file per op (kernel, launcher, custom op with a fake implementation, autograd):
+
+* `fake_quant`: group absmax, fused RTN fake-quant forward, STE/StableQAT backward with LSQ scale grads;
+* `lotion`: LOTION's regulariser step (curvature EMA, penalty, gradient added in place) in one pass;
+* `stochastic_round`: randomized-rounding fake quant with counter-based (Philox) noise;
+* `packed_matmul`: packed int2/3/4/8 dequantization, GEMV for decode, dequantize + cuBLAS for batches.
+
+Set `HF_LOTION_KERNELS=reference` to force the reference everywhere (debugging).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import quant
+from .dispatch import (
+    BACKENDS,
+    ENV_VAR,
+    interpreter_enabled,
+    kernel_backend,
+    requested_backend,
+    triton_can_run,
+    use_triton,
+)
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _triton_for(*tensors: torch.Tensor) -> bool:
+    """Triton for these tensors: the backend allows it and every dtype is one the kernels handle."""
+    return all(t.dtype in KERNEL_DTYPES for t in tensors) and use_triton(tensors[0])
+
+
+def absmax_scales(
+    weight: torch.Tensor, bits: int, group_size: int, grid: str = "full", dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Per-group absmax scales; bit-identical to `hf_lotion.quant.absmax_scales`."""
+    if _triton_for(weight):
+        from . import fake_quant
+
+        return fake_quant.absmax_scales(weight, bits, group_size, grid, dtype)
+    return quant.absmax_scales(weight, bits, group_size, grid, dtype)
+
+
+def fake_quantize(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    amplitudes: Sequence[float] = (),
+) -> torch.Tensor:
+    """RTN fake quantization with STE (or StableQAT, given `amplitudes`) backward and LSQ scale gradients.
+
+    Forward outputs are bit-identical to `hf_lotion.quant.fake_quantize`; gradients agree to rounding.
+
+    Example:
+        >>> w = torch.tensor([[0.4, -0.15, 0.0625, 0.6, -0.55]])
+        >>> fake_quantize(w, torch.tensor([[0.25]]), bits=3, group_size=-1)
+        tensor([[ 0.5000, -0.2500,  0.0000,  0.5000, -0.5000]])
+    """
+    if _triton_for(weight, scales):
+        from . import fake_quant
+
+        return fake_quant.fake_quantize(weight, scales, bits, group_size, amplitudes)
+    return quant.fake_quantize(weight, scales, bits, group_size, amplitudes)
+
+
+def stochastic_fake_quantize(
+    weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, seed: int, offset: int = 0
+) -> torch.Tensor:
+    """Randomized-rounding fake quantization; the same levels as `hf_lotion.quant.stochastic_fake_quantize`."""
+    if _triton_for(weight, scales):
+        from . import stochastic_round
+
+        return stochastic_round.stochastic_fake_quantize(weight, scales, bits, group_size, seed, offset)
+    return quant.stochastic_fake_quantize(weight, scales, bits, group_size, seed, offset)
+
+
+def lotion_kernel_available(weight: torch.Tensor) -> bool:
+    """Whether `lotion_regularizer_step_` runs fused for this weight (else the caller uses the reference)."""
+    return _triton_for(weight)
+
+
+def lotion_regularizer_step_(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    grad: torch.Tensor,
+    curvature: torch.Tensor,
+    bits: int,
+    group_size: int,
+    strength: float = 1.0,
+    grad_scale: float = 1.0,
+    fisher: tuple[float, float, float] | None = None,
+) -> torch.Tensor:
+    """Fused LOTION step (Triton only; see `kernels.lotion.lotion_step_`). Check `lotion_kernel_available`."""
+    from . import lotion
+
+    return lotion.lotion_regularizer_step_(
+        weight, scales, grad, curvature, bits, group_size, strength, grad_scale, fisher
+    )
+
+
+def dequantize_packed(
+    packed: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, in_features: int
+) -> torch.Tensor:
+    """`s * q` from packed words, `(out, in)` in the scales' dtype (bit-identical on both paths)."""
+    if _triton_for(scales) and packed.device == scales.device:
+        from . import packed_matmul
+
+        return packed_matmul.dequantize_packed(packed, scales, bits, group_size, in_features)
+    q = quant.unpack_int(packed, bits, in_features)
+    return quant.dequantize(q, scales, group_size, scales.dtype)
+
+
+def packed_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """`F.linear(x, s * q, bias)` from packed weights (Triton GEMV for decode, dequantize + cuBLAS otherwise)."""
+    if x.dtype == scales.dtype and _triton_for(x, scales):
+        from . import packed_matmul
+
+        return packed_matmul.packed_linear(x, packed, scales, bias, bits, group_size, in_features)
+    return F.linear(x, dequantize_packed(packed, scales, bits, group_size, in_features), bias)
+
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "KERNEL_DTYPES",
+    "absmax_scales",
+    "dequantize_packed",
+    "fake_quantize",
+    "interpreter_enabled",
+    "kernel_backend",
+    "lotion_kernel_available",
+    "lotion_regularizer_step_",
+    "packed_linear",
+    "requested_backend",
+    "stochastic_fake_quantize",
+    "triton_can_run",
+    "use_triton",
+]

@@ -1,0 +1,319 @@
+"""Fused fake quantization in Triton: group absmax, RTN forward, STE/StableQAT backward with LSQ scale grads.
+
+Reference: `hf_lotion.quant.fake_quant` and `hf_lotion.quant.grid` (same arithmetic, element by element).
+The weight `(out, in)` is viewed as `(out * n_groups, group)` rows, one scale per row. Each program owns
+`BLOCK_R` whole rows and walks their columns in chunks of `BLOCK_G`, so per-row reductions (absmax, the
+LSQ scale gradient) finish inside one program and need no atomics.
+
+Bit-exactness with the reference: `v = w / s` uses the correctly rounded division `tl.div_rn` (Triton's
+`/` is an approximate division on NVIDIA GPUs), rounding is half-to-even by the fp32 magic-number add,
+and `q * s` is computed in fp32 and rounded once to the output dtype, as the reference does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant.fake_quant import lsq_gradient_scale
+from ..quant.grid import SCALE_FLOOR_RATIO, int_range, scale_divisor
+from ..quant.spec import SURROGATE_COEFF, resolve_group_size
+
+# 1.5 * 2**23: adding and subtracting it rounds an fp32 |x| < 2**22 to an integer, half to even.
+_ROUND_MAGIC = 12582912.0
+_MAX_BLOCK_G = 1024
+_BLOCK_ELEMENTS = 4096
+
+
+@triton.jit
+def round_half_even(x):
+    """Round fp32 `x` (|x| < 2**22) to the nearest integer, ties to even, like `torch.round`."""
+    return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr):
+    """Round fp32 `x` to `dtype`, to nearest with ties to even, exactly as torch's `.to(dtype)` does.
+
+    bf16 is rounded on the bits (add 0x7FFF plus the lowest kept bit, drop the low half): Triton's
+    interpreter truncates (or rounds ties away) instead, and this is correct on every backend.
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        y = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    elif dtype == tl.float32:
+        y = x
+    else:
+        y = x.to(dtype)
+    return y
+
+
+@triton.jit
+def _group_absmax_kernel(w_ptr, out_ptr, n_rows, group, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    base = rows.to(tl.int64)[:, None] * group
+    absmax = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for start in range(0, group, BLOCK_G):
+        cols = start + tl.arange(0, BLOCK_G)
+        mask = row_mask[:, None] & (cols < group)[None, :]
+        w = tl.load(w_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        absmax = tl.maximum(absmax, tl.max(tl.abs(w), axis=1))
+    tl.store(out_ptr + rows, absmax, mask=row_mask)
+
+
+@triton.jit
+def _fake_quant_fwd_kernel(
+    w_ptr,
+    s_ptr,
+    out_ptr,
+    n_rows,
+    group,
+    QMIN: tl.constexpr,
+    QMAX: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    base = rows.to(tl.int64)[:, None] * group
+    s = tl.load(s_ptr + rows, mask=row_mask, other=1.0).to(tl.float32)[:, None]
+    for start in range(0, group, BLOCK_G):
+        cols = start + tl.arange(0, BLOCK_G)
+        mask = row_mask[:, None] & (cols < group)[None, :]
+        w = tl.load(w_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # Clamping before rounding keeps |v| small for the magic-number rounding; same levels after clamp.
+        v = tl.minimum(tl.maximum(tl.div_rn(w, s), QMIN - 1.0), QMAX + 1.0)
+        q = tl.minimum(tl.maximum(round_half_even(v), QMIN), QMAX)
+        tl.store(out_ptr + base + cols[None, :], cast_rne(q * s, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fake_quant_bwd_kernel(
+    w_ptr,
+    s_ptr,
+    dy_ptr,
+    dw_ptr,
+    ds_ptr,
+    amp_ptr,
+    n_rows,
+    group,
+    lsq_factor,
+    QMIN: tl.constexpr,
+    QMAX: tl.constexpr,
+    N_TERMS: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    NEED_DS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    base = rows.to(tl.int64)[:, None] * group
+    s = tl.load(s_ptr + rows, mask=row_mask, other=1.0).to(tl.float32)[:, None]
+    ds_acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for start in range(0, group, BLOCK_G):
+        cols = start + tl.arange(0, BLOCK_G)
+        mask = row_mask[:, None] & (cols < group)[None, :]
+        offs = base + cols[None, :]
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.div_rn(w, s)
+        inside = (v >= QMIN) & (v <= QMAX)
+        q = round_half_even(tl.minimum(tl.maximum(v, QMIN - 1.0), QMAX + 1.0))
+        if NEED_DW:
+            dw = dy
+            if N_TERMS > 0:
+                # StableQAT: g depends on r = v - round(v) only; exact for every v inside the range.
+                phase = 3.141592653589793 * (v - q)
+                series = tl.zeros_like(phase)
+                for k in tl.static_range(N_TERMS):
+                    series += tl.load(amp_ptr + k) * tl.cos((2 * k + 1) * phase)
+                cs = 4.442882938158366 * series
+                dw = dy * tl.div_rn(1.0 - cs, 1.0 + cs)
+            dw = tl.where(inside, dw, 0.0)
+            tl.store(dw_ptr + offs, cast_rne(dw, dw_ptr.dtype.element_ty), mask=mask)
+        if NEED_DS:
+            dwhat_ds = tl.where(inside, q - v, tl.minimum(tl.maximum(q, QMIN), QMAX))
+            ds_acc += tl.sum(tl.where(mask, dy * dwhat_ds, 0.0), axis=1)
+    if NEED_DS:
+        tl.store(ds_ptr + rows, cast_rne(ds_acc * lsq_factor, ds_ptr.dtype.element_ty), mask=row_mask)
+
+
+# The kernel inlines pi and StableQAT's c = sqrt(2) pi as literals.
+assert abs(4.442882938158366 - SURROGATE_COEFF) < 1e-15
+
+
+def _blocks(n_rows: int, group: int) -> tuple[int, int, int]:
+    """`(BLOCK_R, BLOCK_G, n_programs)`: about `_BLOCK_ELEMENTS` elements per program."""
+    block_g = min(triton.next_power_of_2(group), _MAX_BLOCK_G)
+    block_r = max(1, min(triton.next_power_of_2(n_rows), _BLOCK_ELEMENTS // block_g))
+    return block_r, block_g, triton.cdiv(n_rows, block_r)
+
+
+def _rows(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int, int]:
+    """The weight as contiguous `(out * n_groups, group)` rows."""
+    group = resolve_group_size(group_size, weight.shape[1])
+    return weight.contiguous(), weight.numel() // group, group
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------
+
+
+def group_absmax(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-group `max |w|`, fp32 `(out, n_groups)`."""
+    w, n_rows, group = _rows(weight, group_size)
+    out = torch.empty(n_rows, device=w.device, dtype=torch.float32)
+    block_r, block_g, programs = _blocks(n_rows, group)
+    _group_absmax_kernel[(programs,)](w, out, n_rows, group, BLOCK_R=block_r, BLOCK_G=block_g)
+    return out.view(weight.shape[0], -1)
+
+
+def absmax_scales(
+    weight: torch.Tensor, bits: int, group_size: int, grid: str = "full", dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """`hf_lotion.quant.absmax_scales` with the group reduction in one Triton pass (bit-identical)."""
+    dtype = dtype or weight.dtype
+    absmax = group_absmax(weight.detach(), group_size)
+    # The floor is a fraction of the tensor's absmax, the largest group absmax (same value as the reference).
+    floor = torch.clamp_min(absmax.amax() * SCALE_FLOOR_RATIO, torch.finfo(dtype).tiny)
+    return torch.maximum(absmax / scale_divisor(bits, grid), floor).to(dtype)
+
+
+def fake_quantize_forward(
+    weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """`s * clamp(round(w / s))` in the weight's dtype (the RTN weight), one fused pass."""
+    w, n_rows, group = _rows(weight, group_size)
+    out = torch.empty_like(w)
+    qmin, qmax = int_range(bits)
+    block_r, block_g, programs = _blocks(n_rows, group)
+    _fake_quant_fwd_kernel[(programs,)](
+        w, scales.contiguous(), out, n_rows, group, QMIN=qmin, QMAX=qmax, BLOCK_R=block_r, BLOCK_G=block_g
+    )
+    return out
+
+
+def fake_quantize_backward(
+    grad_output: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    amplitudes: Sequence[float],
+    need_weight_grad: bool = True,
+    need_scale_grad: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Weight gradient (STE mask times StableQAT's surrogate) and LSQ scale gradient, one fused pass."""
+    w, n_rows, group = _rows(weight, group_size)
+    dy = grad_output.contiguous()
+    scales = scales.contiguous()
+    dw = torch.empty_like(w) if need_weight_grad else None
+    ds = torch.empty_like(scales) if need_scale_grad else None
+    amps = torch.tensor([float(a) for a in amplitudes] or [0.0], device=w.device, dtype=torch.float32)
+    qmin, qmax = int_range(bits)
+    block_r, block_g, programs = _blocks(n_rows, group)
+    _fake_quant_bwd_kernel[(programs,)](
+        w,
+        scales,
+        dy,
+        w if dw is None else dw,  # unused pointers when the grad is not needed
+        scales if ds is None else ds,
+        amps,
+        n_rows,
+        group,
+        lsq_gradient_scale(weight.numel(), bits),
+        QMIN=qmin,
+        QMAX=qmax,
+        N_TERMS=len(amplitudes),
+        NEED_DW=need_weight_grad,
+        NEED_DS=need_scale_grad,
+        BLOCK_R=block_r,
+        BLOCK_G=block_g,
+    )
+    return dw, ds
+
+
+# ---------------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile, with fake implementations) and autograd
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("hf_lotion::fake_quantize", mutates_args=())
+def _fake_quantize_op(
+    weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, amplitudes: list[float]
+) -> torch.Tensor:
+    return fake_quantize_forward(weight, scales, bits, group_size)
+
+
+@_fake_quantize_op.register_fake
+def _(weight, scales, bits, group_size, amplitudes):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("hf_lotion::fake_quantize_backward", mutates_args=())
+def _fake_quantize_backward_op(
+    grad_output: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    amplitudes: list[float],
+    need_weight_grad: bool,
+    need_scale_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dw, ds = fake_quantize_backward(
+        grad_output, weight, scales, bits, group_size, amplitudes, need_weight_grad, need_scale_grad
+    )
+    # Custom ops return tensors, not None: an empty tensor stands for "not requested".
+    return (weight.new_empty(0) if dw is None else dw), (scales.new_empty(0) if ds is None else ds)
+
+
+@_fake_quantize_backward_op.register_fake
+def _(grad_output, weight, scales, bits, group_size, amplitudes, need_weight_grad, need_scale_grad):
+    dw = (
+        torch.empty_like(weight, memory_format=torch.contiguous_format)
+        if need_weight_grad
+        else weight.new_empty(0)
+    )
+    ds = (
+        torch.empty_like(scales, memory_format=torch.contiguous_format)
+        if need_scale_grad
+        else scales.new_empty(0)
+    )
+    return dw, ds
+
+
+def _setup_context(ctx, inputs, output):
+    weight, scales, bits, group_size, amplitudes = inputs
+    ctx.save_for_backward(weight, scales)
+    ctx.bits, ctx.group_size, ctx.amplitudes = bits, group_size, amplitudes
+
+
+def _backward(ctx, grad_output):
+    weight, scales = ctx.saved_tensors
+    need_dw, need_ds = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dw, ds = _fake_quantize_backward_op(
+        grad_output, weight, scales, ctx.bits, ctx.group_size, ctx.amplitudes, need_dw, need_ds
+    )
+    return (dw if need_dw else None), (ds if need_ds else None), None, None, None
+
+
+_fake_quantize_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fake_quantize(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    amplitudes: Sequence[float] = (),
+) -> torch.Tensor:
+    """Triton `hf_lotion.quant.fake_quantize`: RTN forward, STE (or StableQAT) backward, LSQ scale grads."""
+    return _fake_quantize_op(weight, scales, bits, group_size, [float(a) for a in amplitudes])

@@ -1,0 +1,447 @@
+"""Triton kernels against the plain-PyTorch reference, on odd shapes, for outputs and every gradient.
+
+Without a GPU the kernels run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1 before triton
+is imported); the same tests run on CUDA under the `gpu` marker. Exact math is compared bit for bit
+(fake-quant forward, absmax scales, stochastic levels, dequantized packed weights); accumulations and
+transcendental functions against a (dtype, atol, rtol) table.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_lotion import kernels, quant
+from hf_lotion.kernels import dispatch
+from hf_lotion.nn import LotionLinear, PackedLinear
+from hf_lotion.quant import QuantSpec
+from hf_lotion.quant.lotion import lotion_penalty_and_grad
+
+pytest.importorskip("triton")
+
+DEVICES = [
+    pytest.param("cpu", id="interpreter"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+]
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="fp16"),
+]
+# (bits, group_size, in_features): odd row counts below; group sizes that are not powers of two; per-row.
+LAYOUTS = [
+    pytest.param(2, 16, 80, id="b2-g16"),
+    pytest.param(3, 48, 96, id="b3-g48"),
+    pytest.param(4, -1, 100, id="b4-row"),
+    pytest.param(8, 32, 64, id="b8-g32"),
+]
+OUT_FEATURES = 37
+# Gradients: (atol, rtol) per dtype. Weight grads are rounded to the weight's dtype, so one ulp there.
+GRAD_TOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (1e-3, 1e-3)}
+# Products accumulated in another order (GEMV vs a BLAS matmul), relative to the output's magnitude.
+MATMUL_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+
+
+@pytest.fixture
+def device(request):
+    name = request.param
+    if name == "cpu" and not dispatch.interpreter_enabled():
+        pytest.skip("a CUDA device is present, so Triton's CPU interpreter is not enabled in this run")
+    return torch.device(name)
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend():
+    # Force the kernels on CPU tensors too (the interpreter); "auto" would pick the reference there.
+    with kernels.kernel_backend("triton"):
+        yield
+
+
+def _weight(in_features, dtype, device, seed=0, out_features=OUT_FEATURES):
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=generator) * 0.05
+    w[3, :] = 0.0  # an all-zero row: the scale floor must keep it finite
+    return w.to(device=device, dtype=dtype)
+
+
+def _assert_close(actual, expected, tol):
+    atol, rtol = tol
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("bits", "group_size", "in_features"), LAYOUTS)
+@pytest.mark.parametrize("grid", ["full", "restricted"])
+def test_absmax_scales_bit_exact(device, dtype, bits, group_size, in_features, grid):
+    w = _weight(in_features, dtype, device)
+    got = kernels.absmax_scales(w, bits, group_size, grid)
+    with kernels.kernel_backend("reference"):
+        expected = kernels.absmax_scales(w, bits, group_size, grid)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("bits", "group_size", "in_features"), LAYOUTS)
+@pytest.mark.parametrize(
+    "amplitudes",
+    [
+        pytest.param((), id="ste"),
+        pytest.param((0.21,), id="stableqat"),
+        pytest.param((0.15, 0.05), id="2terms"),
+    ],
+)
+def test_fake_quantize_matches_reference(device, dtype, bits, group_size, in_features, amplitudes):
+    w = _weight(in_features, dtype, device, seed=bits)
+    # Learned scales away from absmax, so that some weights clip and the LSQ clip branch is exercised.
+    factor = torch.empty(OUT_FEATURES, in_features // (group_size if group_size > 0 else in_features))
+    factor.uniform_(0.6, 1.3, generator=torch.Generator().manual_seed(1))
+    scales = (quant.absmax_scales(w, bits, group_size) * factor.to(device=device, dtype=dtype)).detach()
+    grad_out = torch.randn(w.shape, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
+
+    results = []
+    for backend in ("triton", "reference"):
+        wi, si = w.clone().requires_grad_(), scales.clone().requires_grad_()
+        with kernels.kernel_backend(backend):
+            out = kernels.fake_quantize(wi, si, bits, group_size, amplitudes)
+            out.backward(grad_out)
+        results.append((out.detach(), wi.grad, si.grad))
+    (out, dw, ds), (ref_out, ref_dw, ref_ds) = results
+    assert torch.equal(out, ref_out)
+    _assert_close(dw, ref_dw, GRAD_TOL[dtype])
+    _assert_close(ds, ref_ds, GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_fake_quantize_reference_row(device):
+    """DESIGN's StableQAT row check, through the kernel."""
+    w = torch.tensor([[0.4, -0.15, 0.0625, 0.6, -0.55]], device=device, requires_grad=True)
+    s = torch.tensor([[0.25]], device=device, requires_grad=True)
+    out = kernels.fake_quantize(w, s, bits=3, group_size=-1, amplitudes=(0.21,))
+    out.backward(torch.tensor([[0.5, -1.0, 1.0, 0.1, -0.3]], device=device))
+    assert out.tolist() == [[0.5, -0.25, 0.0, 0.5, -0.5]]
+    expected = [0.2762079655, -0.5524159310, 0.2050120375, 0.0552415931, -0.0419159482]
+    torch.testing.assert_close(w.grad.cpu(), torch.tensor([expected]), atol=2e-7, rtol=1e-6)
+    assert s.grad.item() == pytest.approx(0.0645497224, abs=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fake_quantize_detached_scales_and_frozen_weight(device, dtype):
+    """Only the requested gradients are produced (absmax scales get none; a frozen weight gets none)."""
+    w = _weight(64, dtype, device).requires_grad_()
+    scales = kernels.absmax_scales(w, 4, 32)
+    kernels.fake_quantize(w, scales, 4, 32).sum().backward()
+    assert w.grad is not None and scales.grad is None
+    w2 = w.detach()
+    learned = scales.clone().requires_grad_()
+    kernels.fake_quantize(w2, learned, 4, 32).sum().backward()
+    assert learned.grad is not None and learned.grad.shape == scales.shape
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("bits", "group_size", "in_features"), LAYOUTS)
+@pytest.mark.parametrize(
+    "grad_scale", [pytest.param(1.0, id="unscaled"), pytest.param(1024.0, id="fp16-scaled")]
+)
+def test_lotion_step_fisher_matches_reference(device, dtype, bits, group_size, in_features, grad_scale):
+    w = _weight(in_features, dtype, device, seed=3)
+    scales = quant.absmax_scales(w, bits, group_size)
+    generator = torch.Generator().manual_seed(4)
+    grad = (torch.randn(w.shape, generator=generator) * 1e-3 * grad_scale).to(device=device, dtype=dtype)
+    ema = (torch.rand(w.shape, generator=generator) * 1e-2).to(device)
+    beta, tokens, correction, strength = 0.9, 512.0, 1.0 / (1.0 - 0.9**3), 2.0
+
+    ref_ema = ema.clone().mul_(beta).add_(grad.float().square() * (tokens / grad_scale**2), alpha=1 - beta)
+    ref_value, ref_reg = lotion_penalty_and_grad(w, scales, ref_ema * correction, bits, group_size, strength)
+    ref_grad = grad.clone().add_(ref_reg * grad_scale)
+
+    got_grad, got_ema = grad.clone(), ema.clone()
+    value = kernels.lotion_regularizer_step_(
+        w, scales, got_grad, got_ema, bits, group_size, strength, grad_scale,
+        fisher=(beta, tokens / grad_scale**2, correction),
+    )  # fmt: skip
+    torch.testing.assert_close(got_ema, ref_ema, atol=1e-9, rtol=1e-5)
+    _assert_close(got_grad, ref_grad, GRAD_TOL[dtype])
+    assert value.item() == pytest.approx(ref_value.item(), rel=1e-4, abs=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_lotion_step_given_curvature_and_reference_values(device):
+    """Without the EMA, G is read as given; DESIGN's value: s=0.1, w=0.23 -> p=0.3, slope 0.04."""
+    w = torch.tensor([[0.23, 0.3, -0.05]], device=device)
+    scales = torch.tensor([[0.1]], device=device)
+    grad = torch.zeros_like(w)
+    curvature = torch.full_like(w, 2.0)
+    value = kernels.lotion_regularizer_step_(w, scales, grad, curvature, 4, -1, strength=1.0)
+    # (1/2) * G * s * (1 - 2p): 0.04 for p = 0.3; zero on the grid point 0.3; p = 0.5 for -0.05 -> 0.
+    torch.testing.assert_close(grad.cpu(), torch.tensor([[0.04, 0.0, 0.0]]), atol=1e-7, rtol=0)
+    # (1/2) * sum G s^2 p (1 - p) = 0.0021 + 0 + 0.0025
+    assert value.item() == pytest.approx(0.0046, abs=1e-8)
+    assert torch.equal(curvature, torch.full_like(w, 2.0))  # not an EMA: left untouched
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("bits", "group_size", "in_features"), LAYOUTS)
+def test_stochastic_fake_quantize_matches_reference(device, dtype, bits, group_size, in_features):
+    w = _weight(in_features, dtype, device, seed=5)
+    scales = (quant.absmax_scales(w, bits, group_size) * 0.8).detach()
+    grad_out = torch.randn(w.shape, generator=torch.Generator().manual_seed(6)).to(device=device, dtype=dtype)
+    results = []
+    for backend in ("triton", "reference"):
+        wi, si = w.clone().requires_grad_(), scales.clone().requires_grad_()
+        with kernels.kernel_backend(backend):
+            out = kernels.stochastic_fake_quantize(wi, si, bits, group_size, seed=1234, offset=7)
+            out.backward(grad_out)
+        results.append((out.detach(), wi.grad, si.grad))
+    (out, dw, ds), (ref_out, ref_dw, ref_ds) = results
+    assert torch.equal(out, ref_out)  # same noise, bit for bit
+    assert torch.equal(dw, ref_dw)
+    _assert_close(ds, ref_ds, GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_stochastic_rounding_seeded_floor_ceil_unbiased_and_geometry_free(device):
+    bits, rows, cols = 4, 64, 100
+    s = torch.full((rows, 1), 0.1, device=device)
+    v = torch.tensor([0.3, -1.7, 2.0, 6.9, -8.0, 0.5, 3.25, -0.01], device=device).repeat(rows, cols // 8 + 1)
+    w = (v[:, :cols] * 0.1).contiguous()
+
+    def levels(seed, offset=0, x=w, sc=s):
+        return kernels.stochastic_fake_quantize(x, sc, bits, -1, seed, offset) / 0.1
+
+    a = levels(7)
+    assert torch.equal(a, levels(7))
+    assert not torch.equal(a, levels(8))
+    exact = w / 0.1
+    assert ((a - torch.floor(exact)).abs() < 1e-4).logical_or((a - torch.ceil(exact)).abs() < 1e-4).all()
+    draws = torch.stack([levels(seed) for seed in range(40)])  # 40 seeds x 64 rows = 2560 draws per column
+    mean = draws.mean(dim=(0, 1))
+    torch.testing.assert_close(mean.cpu(), exact[0].cpu(), atol=0.05, rtol=0)
+    # Noise depends on the global element index only: rows 10.. of the tensor, launched on their own with
+    # a different block geometry, reproduce the full launch when offset by 10 rows.
+    part = levels(7, 10 * cols, w[10:].contiguous(), s[10:].contiguous())
+    assert torch.equal(part, a[10:])
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_triton_randint_equals_philox_reference(device):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _randint_kernel(out_ptr, seed, offset, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + i, tl.randint(seed, i.to(tl.int64) + offset).to(tl.int64) & 0xFFFFFFFF, mask=i < n)
+
+    for seed, offset in [(0, 0), (123456789, 5), (2**40 + 3, 2**33 + 7)]:
+        out = torch.empty(300, dtype=torch.int64, device=device)
+        _randint_kernel[(3,)](out, seed, offset, 300, BLOCK=128)
+        expected = quant.philox_uint32(seed, torch.arange(offset, offset + 300, device=device))
+        assert torch.equal(out, expected)
+
+
+def _packed_layer(bits, group_size, in_features, dtype, device, out_features=OUT_FEATURES):
+    linear = torch.nn.Linear(in_features, out_features, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(_weight(in_features, dtype, "cpu", seed=bits, out_features=out_features))
+    qat = LotionLinear.from_linear(linear, QuantSpec(bits=bits, group_size=group_size)).eval()
+    return PackedLinear.from_qat(qat).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("bits", "group_size", "in_features"), [*LAYOUTS, pytest.param(4, 32, 160, id="b4-g32")]
+)
+def test_dequantize_packed_bit_exact(device, dtype, bits, group_size, in_features):
+    layer = _packed_layer(bits, group_size, in_features, dtype, device)
+    got = kernels.dequantize_packed(layer.weight, layer.weight_scale, bits, group_size, in_features)
+    with kernels.kernel_backend("reference"):
+        expected = layer.dequantized_weight()
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("bits", "group_size", "in_features"), LAYOUTS)
+@pytest.mark.parametrize(
+    "rows", [pytest.param(1, id="M1"), pytest.param(5, id="M5"), pytest.param(13, id="M13")]
+)
+def test_packed_linear_matches_reference(device, dtype, bits, group_size, in_features, rows):
+    layer = _packed_layer(bits, group_size, in_features, dtype, device)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(
+        device=device, dtype=dtype
+    )
+    got = layer(x)
+    with kernels.kernel_backend("reference"):
+        expected = layer(x)
+    if rows > kernels.packed_matmul.GEMV_MAX_M or bits == 3:
+        assert torch.equal(got, expected)  # dequantize + the same F.linear
+    else:
+        atol, rtol = MATMUL_TOL[dtype]
+        torch.testing.assert_close(got, expected, atol=atol * expected.abs().max().item(), rtol=rtol)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_packed_linear_batched_input_and_input_gradient(device):
+    layer = _packed_layer(4, 32, 64, torch.float32, device)
+    x = torch.randn(2, 3, 64, device=device, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 3, OUT_FEATURES)
+    y.square().sum().backward()
+    with kernels.kernel_backend("reference"):
+        x_ref = x.detach().clone().requires_grad_()
+        y_ref = layer(x_ref)
+        y_ref.square().sum().backward()
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_lotion_linear_trains_on_kernels_like_the_reference(device):
+    """A whole layer: StableQAT forward/backward with learned scales on the kernels vs the reference."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(96, 21).to(device)
+    spec = QuantSpec(bits=3, group_size=48, method="stableqat")
+    x = torch.randn(5, 96, device=device)
+    grads = []
+    for backend in ("triton", "reference"):
+        layer = LotionLinear.from_linear(torch.nn.Linear(96, 21).to(device), spec)
+        layer.load_state_dict(
+            {**base.state_dict(), "weight_scale": layer.weight_scale.detach()}, strict=False
+        )
+        layer.reset_scales()
+        with kernels.kernel_backend(backend):
+            out = layer(x)
+            out.square().mean().backward()
+            eval_out = layer.eval()(x)
+        grads.append((out.detach(), eval_out.detach(), layer.weight.grad, layer.weight_scale.grad))
+    (out, eval_out, dw, ds), (ref_out, ref_eval, ref_dw, ref_ds) = grads
+    assert torch.equal(out, ref_out) and torch.equal(eval_out, ref_eval)
+    torch.testing.assert_close(dw, ref_dw, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ds, ref_ds, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_fake_quantize_under_torch_compile(device):
+    """The custom op's fake implementation lets torch.compile trace through it (no graph break on Triton)."""
+    w = _weight(64, torch.float32, device).requires_grad_()
+    scales = kernels.absmax_scales(w, 4, 32).requires_grad_()
+
+    def step(weight, s):
+        return (kernels.fake_quantize(weight, s, 4, 32, (0.21,)) * 2.0).sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    value = compiled(w, scales)
+    value.backward()
+    dw, ds = w.grad.clone(), scales.grad.clone()
+    w.grad = scales.grad = None
+    step(w, scales).backward()
+    assert value.item() == pytest.approx(step(w, scales).item())
+    assert torch.equal(dw, w.grad) and torch.equal(ds, scales.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_custom_ops_pass_opcheck(device):
+    """torch.library.opcheck: schemas, fake implementations and autograd registrations are consistent."""
+    from hf_lotion.kernels import fake_quant, packed_matmul, stochastic_round
+
+    w = _weight(64, torch.float32, device).requires_grad_()
+    scales = kernels.absmax_scales(w, 4, 32).requires_grad_()
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(fake_quant._fake_quantize_op, (w, scales, 4, 32, [0.21]), test_utils=tests)
+    torch.library.opcheck(stochastic_round._stochastic_op, (w, scales, 4, 32, 3, 0), test_utils=tests)
+    layer = _packed_layer(4, 32, 64, torch.float32, device)
+    x = torch.randn(2, 64, device=device, requires_grad=True)
+    args = (x, layer.weight, layer.weight_scale, layer.bias, 4, 32, 64)
+    torch.library.opcheck(packed_matmul._packed_linear_op, args, test_utils=tests)
+
+
+def test_dispatch_picks_reference_on_cpu_in_auto_mode_and_validates_the_variable(monkeypatch):
+    w = torch.randn(4, 32)
+    with kernels.kernel_backend("auto"):
+        assert not kernels.use_triton(w)  # CPU tensors: the reference, even with the interpreter on
+    with kernels.kernel_backend("reference"):
+        assert not kernels.use_triton(w)
+    monkeypatch.setenv(dispatch.ENV_VAR, "fast")
+    with pytest.raises(
+        ValueError, match="HF_LOTION_KERNELS='fast' is not supported; allowed: auto, reference, triton"
+    ):
+        kernels.use_triton(w)
+    with pytest.raises(ValueError, match="backend='gpu' is not supported"):
+        kernels.kernel_backend("gpu").__enter__()
+
+
+def test_forcing_triton_where_it_cannot_run_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with kernels.kernel_backend("triton"), pytest.raises(ValueError, match="Triton cannot run on cpu"):
+        kernels.fake_quantize(torch.randn(4, 32), torch.ones(4, 1), 4, 32)
+
+
+def test_float64_always_takes_the_reference():
+    w = torch.randn(5, 32, dtype=torch.float64)
+    s = quant.absmax_scales(w, 4, 32)
+    with kernels.kernel_backend("triton"):
+        assert torch.equal(kernels.fake_quantize(w, s, 4, 32), quant.fake_quantize(w, s, 4, 32))
+
+
+def test_kernel_backend_restores_the_previous_setting(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    with kernels.kernel_backend("auto"):
+        assert dispatch.requested_backend() == "auto"
+    assert dispatch.requested_backend() == "reference"
+
+
+def test_fake_quantize_forward_on_a_plain_layer_is_f_linear_of_the_rtn_weight():
+    """Sanity: eval forward through the kernels is F.linear of the reference RTN weight, bit for bit."""
+    if not dispatch.interpreter_enabled():
+        pytest.skip("runs on CPU tensors through the interpreter")
+    layer = LotionLinear.from_linear(torch.nn.Linear(48, 7), QuantSpec(bits=4, group_size=16)).eval()
+    x = torch.randn(3, 48)
+    out = layer(x)
+    with kernels.kernel_backend("reference"):
+        assert torch.equal(out, F.linear(x, layer.deploy_weight(), layer.bias))
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("curvature", ["fisher", "gauss_newton"])
+def test_regularizer_on_kernels_matches_the_reference_over_steps(device, curvature):
+    """LotionRegularizer's fused path (Fisher EMA + regulariser in one kernel) tracks the reference path."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import hf_lotion
+    from hf_lotion import LotionConfig, LotionRegularizer
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4
+    )
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(0)).to(device)
+    batch = {"input_ids": ids, "labels": ids}
+    runs = []
+    for backend in ("triton", "reference"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).to(device)
+        lotion_config = LotionConfig(bits=2, group_size=32, curvature=curvature, curvature_every=2)
+        hf_lotion.prepare(model, lotion_config)
+        regularizer = LotionRegularizer(model)
+        values, grads = [], []
+        with kernels.kernel_backend(backend):
+            for _ in range(3):
+                model.zero_grad()
+                model(**batch).loss.backward()
+                values.append(regularizer.step(batch).item())
+                grads.append({n: layer.weight.grad.clone() for n, layer in hf_lotion.lotion_layers(model)})
+        runs.append((values, grads, regularizer.estimator.ema, regularizer.estimator.updates))
+    (values, grads, ema, updates), (ref_values, ref_grads, ref_ema, ref_updates) = runs
+    assert updates == ref_updates
+    assert values == pytest.approx(ref_values, rel=1e-4)
+    for step_grads, step_ref in zip(grads, ref_grads, strict=True):
+        for name, grad in step_grads.items():
+            torch.testing.assert_close(grad, step_ref[name], atol=1e-7, rtol=1e-4)
+    for name, state in ema.items():
+        torch.testing.assert_close(state, ref_ema[name], atol=1e-9, rtol=1e-4)
