@@ -27,6 +27,23 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _kernel_summary(torch) -> str:
+    """Which path the quantized ops take on this machine's default device, and why."""
+    from hf_lotion import kernels
+
+    backend = kernels.requested_backend()
+    if backend == "reference":
+        return f"reference ({kernels.ENV_VAR}=reference)"
+    if not kernels.dispatch.triton_installed():
+        return "reference (triton is not installed)"
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        if kernels.triton_can_run(device):
+            return f"triton on CUDA ({kernels.ENV_VAR}={backend})"
+        return "reference (the GPU's compute capability is below 7.0)"
+    return f"reference on CPU ({kernels.ENV_VAR}={backend}; Triton runs on CPU only in its interpreter)"
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     """Print what hf-lotion runs on: versions, devices, and whether "lotion" is registered."""
     import torch
@@ -38,6 +55,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     rows += [(name, _version(name)) for name in PACKAGES]
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
     rows += [("cuda", cuda), ("quant_method 'lotion' registered", str("lotion" in AUTO_QUANTIZER_MAPPING))]
+    rows += [("kernels", _kernel_summary(torch))]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -62,7 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as error:  # bad user input (settings, files): the message says what and what is allowed
+        print(f"hf-lotion: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -445,3 +445,38 @@ def test_regularizer_on_kernels_matches_the_reference_over_steps(device, curvatu
             torch.testing.assert_close(grad, step_ref[name], atol=1e-7, rtol=1e-4)
     for name, state in ema.items():
         torch.testing.assert_close(state, ref_ema[name], atol=1e-9, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_kernel_benchmark_script_runs_end_to_end(tmp_path):
+    """`benchmarks/kernels.py --smoke` (tiny shapes) exercises every section, so the GPU run is ready to go."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    out = tmp_path / "results.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sections = {json.loads(line)["section"].split(" ")[0] for line in out.read_text().splitlines()}
+    assert sections == {"bandwidth", "fake_quant", "LOTION", "packed", "QAT"}
+    assert "| stableqat |" in result.stdout
+
+
+def test_cli_env_reports_the_kernel_path_and_rejects_a_bad_setting(capsys, monkeypatch):
+    from hf_lotion.cli import main
+
+    assert main(["env"]) == 0
+    assert "kernels" in capsys.readouterr().out
+    monkeypatch.setenv(dispatch.ENV_VAR, "fast")
+    assert main(["env"]) == 2
+    assert (
+        "HF_LOTION_KERNELS='fast' is not supported; allowed: auto, reference, triton"
+        in capsys.readouterr().err
+    )
