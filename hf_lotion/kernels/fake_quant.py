@@ -53,15 +53,30 @@ def cast_rne(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def row_block(s_ptr, n_rows, group, BLOCK_R: tl.constexpr):
+    """This program's rows (one scale each): `(rows, row_mask, row_base, s)`, `s` fp32 `(BLOCK_R, 1)`."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    s = tl.load(s_ptr + rows, mask=row_mask, other=1.0).to(tl.float32)[:, None]
+    return rows, row_mask, rows.to(tl.int64)[:, None] * group, s
+
+
+@triton.jit
+def column_chunk(row_base, row_mask, group, start, BLOCK_G: tl.constexpr):
+    """Offsets and mask of columns `start .. start + BLOCK_G` of the program's rows."""
+    cols = start + tl.arange(0, BLOCK_G)
+    return row_base + cols[None, :], row_mask[:, None] & (cols < group)[None, :]
+
+
+@triton.jit
 def _group_absmax_kernel(w_ptr, out_ptr, n_rows, group, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     base = rows.to(tl.int64)[:, None] * group
     absmax = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for start in range(0, group, BLOCK_G):
-        cols = start + tl.arange(0, BLOCK_G)
-        mask = row_mask[:, None] & (cols < group)[None, :]
-        w = tl.load(w_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        offs, mask = column_chunk(base, row_mask, group, start, BLOCK_G)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         absmax = tl.maximum(absmax, tl.max(tl.abs(w), axis=1))
     tl.store(out_ptr + rows, absmax, mask=row_mask)
 
@@ -78,18 +93,14 @@ def _fake_quant_fwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < n_rows
-    base = rows.to(tl.int64)[:, None] * group
-    s = tl.load(s_ptr + rows, mask=row_mask, other=1.0).to(tl.float32)[:, None]
+    _, row_mask, base, s = row_block(s_ptr, n_rows, group, BLOCK_R)
     for start in range(0, group, BLOCK_G):
-        cols = start + tl.arange(0, BLOCK_G)
-        mask = row_mask[:, None] & (cols < group)[None, :]
-        w = tl.load(w_ptr + base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        offs, mask = column_chunk(base, row_mask, group, start, BLOCK_G)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         # Clamping before rounding keeps |v| small for the magic-number rounding; same levels after clamp.
         v = tl.minimum(tl.maximum(tl.div_rn(w, s), QMIN - 1.0), QMAX + 1.0)
         q = tl.minimum(tl.maximum(round_half_even(v), QMIN), QMAX)
-        tl.store(out_ptr + base + cols[None, :], cast_rne(q * s, out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, cast_rne(q * s, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -111,15 +122,10 @@ def _fake_quant_bwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < n_rows
-    base = rows.to(tl.int64)[:, None] * group
-    s = tl.load(s_ptr + rows, mask=row_mask, other=1.0).to(tl.float32)[:, None]
+    rows, row_mask, base, s = row_block(s_ptr, n_rows, group, BLOCK_R)
     ds_acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for start in range(0, group, BLOCK_G):
-        cols = start + tl.arange(0, BLOCK_G)
-        mask = row_mask[:, None] & (cols < group)[None, :]
-        offs = base + cols[None, :]
+        offs, mask = column_chunk(base, row_mask, group, start, BLOCK_G)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.div_rn(w, s)
@@ -245,6 +251,22 @@ def fake_quantize_backward(
 # ---------------------------------------------------------------------------------------------------
 
 
+def grads_as_tensors(
+    dw: torch.Tensor | None, ds: torch.Tensor | None, weight: torch.Tensor, scales: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Custom ops return tensors, not None: an empty tensor stands for a gradient that was not requested."""
+    return (weight.new_empty(0) if dw is None else dw), (scales.new_empty(0) if ds is None else ds)
+
+
+def fake_grads(
+    weight: torch.Tensor, scales: torch.Tensor, need_weight_grad: bool, need_scale_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake (meta) outputs of a backward op: gradients shaped like their inputs, or empty."""
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight_grad else None
+    ds = torch.empty_like(scales, memory_format=torch.contiguous_format) if need_scale_grad else None
+    return grads_as_tensors(dw, ds, weight, scales)
+
+
 @torch.library.custom_op("hf_lotion::fake_quantize", mutates_args=())
 def _fake_quantize_op(
     weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, amplitudes: list[float]
@@ -271,23 +293,12 @@ def _fake_quantize_backward_op(
     dw, ds = fake_quantize_backward(
         grad_output, weight, scales, bits, group_size, amplitudes, need_weight_grad, need_scale_grad
     )
-    # Custom ops return tensors, not None: an empty tensor stands for "not requested".
-    return (weight.new_empty(0) if dw is None else dw), (scales.new_empty(0) if ds is None else ds)
+    return grads_as_tensors(dw, ds, weight, scales)
 
 
 @_fake_quantize_backward_op.register_fake
 def _(grad_output, weight, scales, bits, group_size, amplitudes, need_weight_grad, need_scale_grad):
-    dw = (
-        torch.empty_like(weight, memory_format=torch.contiguous_format)
-        if need_weight_grad
-        else weight.new_empty(0)
-    )
-    ds = (
-        torch.empty_like(scales, memory_format=torch.contiguous_format)
-        if need_scale_grad
-        else scales.new_empty(0)
-    )
-    return dw, ds
+    return fake_grads(weight, scales, need_weight_grad, need_scale_grad)
 
 
 def _setup_context(ctx, inputs, output):

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..quant.grid import int_range
-from .fake_quant import _blocks, _rows, cast_rne
+from .fake_quant import _blocks, _rows, cast_rne, column_chunk, row_block
 
 
 @triton.jit
@@ -43,15 +43,10 @@ def _lotion_step_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < n_rows
-    base = rows.to(tl.int64)[:, None] * group
-    s = tl.load(s_ptr + rows, mask=row_mask, other=1.0).to(tl.float32)[:, None]
+    _, row_mask, base, s = row_block(s_ptr, n_rows, group, BLOCK_R)
     penalty = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for start in range(0, group, BLOCK_G):
-        cols = start + tl.arange(0, BLOCK_G)
-        mask = row_mask[:, None] & (cols < group)[None, :]
-        offs = base + cols[None, :]
+        offs, mask = column_chunk(base, row_mask, group, start, BLOCK_G)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         curv = tl.load(curv_ptr + offs, mask=mask, other=0.0)

@@ -15,7 +15,7 @@ import triton.language as tl
 from ..quant.fake_quant import lsq_gradient_scale
 from ..quant.grid import int_range
 from ..quant.rounding import MAX_SEED
-from .fake_quant import _blocks, _rows, cast_rne
+from .fake_quant import _blocks, _rows, cast_rne, column_chunk, fake_grads, grads_as_tensors, row_block
 
 
 @triton.jit
@@ -42,14 +42,9 @@ def _stochastic_fwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < n_rows
-    base = rows.to(tl.int64)[:, None] * group
-    s = tl.load(s_ptr + rows, mask=row_mask, other=1.0).to(tl.float32)[:, None]
+    _, row_mask, base, s = row_block(s_ptr, n_rows, group, BLOCK_R)
     for start in range(0, group, BLOCK_G):
-        cols = start + tl.arange(0, BLOCK_G)
-        mask = row_mask[:, None] & (cols < group)[None, :]
-        offs = base + cols[None, :]
+        offs, mask = column_chunk(base, row_mask, group, start, BLOCK_G)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         _, q = _stochastic_levels(w, s, offs + offset, seed, QMIN, QMAX)
         tl.store(out_ptr + offs, cast_rne(q * s, out_ptr.dtype.element_ty), mask=mask)
@@ -74,15 +69,10 @@ def _stochastic_bwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < n_rows
-    base = rows.to(tl.int64)[:, None] * group
-    s = tl.load(s_ptr + rows, mask=row_mask, other=1.0).to(tl.float32)[:, None]
+    rows, row_mask, base, s = row_block(s_ptr, n_rows, group, BLOCK_R)
     ds_acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for start in range(0, group, BLOCK_G):
-        cols = start + tl.arange(0, BLOCK_G)
-        mask = row_mask[:, None] & (cols < group)[None, :]
-        offs = base + cols[None, :]
+        offs, mask = column_chunk(base, row_mask, group, start, BLOCK_G)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v, q = _stochastic_levels(w, s, offs + offset, seed, QMIN, QMAX)
@@ -193,22 +183,12 @@ def _stochastic_backward_op(
     dw, ds = stochastic_fake_quantize_backward(
         grad_output, weight, scales, bits, group_size, seed, offset, need_weight_grad, need_scale_grad
     )
-    return (weight.new_empty(0) if dw is None else dw), (scales.new_empty(0) if ds is None else ds)
+    return grads_as_tensors(dw, ds, weight, scales)
 
 
 @_stochastic_backward_op.register_fake
 def _(grad_output, weight, scales, bits, group_size, seed, offset, need_weight_grad, need_scale_grad):
-    dw = (
-        torch.empty_like(weight, memory_format=torch.contiguous_format)
-        if need_weight_grad
-        else weight.new_empty(0)
-    )
-    ds = (
-        torch.empty_like(scales, memory_format=torch.contiguous_format)
-        if need_scale_grad
-        else scales.new_empty(0)
-    )
-    return dw, ds
+    return fake_grads(weight, scales, need_weight_grad, need_scale_grad)
 
 
 def _setup_context(ctx, inputs, output):

@@ -55,7 +55,8 @@ def grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def scale_floor(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The smallest scale allowed for `weight`: a tiny fraction of its absmax, representable in `dtype`."""
-    tensor_max = weight.detach().abs().amax().to(math_dtype(weight))
+    # max |w| in one reduction (no |w| temporary); exact in any dtype.
+    tensor_max = torch.linalg.vector_norm(weight.detach(), ord=float("inf")).to(math_dtype(weight))
     return torch.clamp_min(tensor_max * SCALE_FLOOR_RATIO, torch.finfo(dtype).tiny)
 
 
