@@ -449,13 +449,13 @@ def test_regularizer_on_kernels_matches_the_reference_over_steps(device, curvatu
 
 @pytest.mark.slow
 def test_kernel_benchmark_script_runs_end_to_end(tmp_path):
-    """`benchmarks/kernels.py --smoke` (tiny shapes) exercises every section, so the GPU run is ready to go."""
+    """`benchmarks/triton_kernels.py --smoke` (tiny shapes) exercises every section, so the GPU run is ready to go."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_kernels.py"
     out = tmp_path / "results.jsonl"
     result = subprocess.run(
         [sys.executable, str(script), "--smoke", "--out", str(out)],

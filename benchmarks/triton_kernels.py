@@ -1,8 +1,8 @@
 """GPU benchmarks of the Triton kernels against the PyTorch reference, on Llama-8B shapes (bf16).
 
-    python benchmarks/kernels.py                          # every section, on a CUDA GPU
-    python benchmarks/kernels.py --sections fake_quant packed_linear --out results.jsonl
-    python benchmarks/kernels.py --smoke                  # tiny shapes on CPU (Triton interpreter): script check
+    python benchmarks/triton_kernels.py                          # every section, on a CUDA GPU
+    python benchmarks/triton_kernels.py --sections fake_quant packed_linear --out results.jsonl
+    python benchmarks/triton_kernels.py --smoke                  # tiny shapes on CPU (Triton interpreter): script check
 
 Sections (targets from the kernels issue in brackets):
 
@@ -30,10 +30,7 @@ import statistics
 import sys
 import time
 
-# This file is named like the `kernels` package that bitsandbytes probes for: keep its folder off the path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import torch  # noqa: E402
+import torch
 
 SMOKE = "--smoke" in sys.argv
 if SMOKE and not torch.cuda.is_available():
