@@ -480,3 +480,26 @@ def test_cli_env_reports_the_kernel_path_and_rejects_a_bad_setting(capsys, monke
         "HF_LOTION_KERNELS='fast' is not supported; allowed: auto, reference, triton"
         in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "hf_lotion.quant.grid",
+        "hf_lotion.quant.rounding",
+        "hf_lotion.quant.fake_quant",
+        "hf_lotion.quant.lotion",
+        "hf_lotion.quant.packing",
+        "hf_lotion.kernels",
+        "hf_lotion.kernels.dispatch",
+    ],
+)
+def test_docstring_examples_run(module):
+    """The examples in the math and kernel docstrings are real (run on the reference path)."""
+    import doctest
+    import importlib
+
+    with kernels.kernel_backend("auto"):
+        result = doctest.testmod(importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
+    assert result.attempted > 0

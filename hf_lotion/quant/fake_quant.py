@@ -90,7 +90,8 @@ def fake_quantize(
     Example:
         >>> w = torch.tensor([[0.4, -0.15, 0.0625, 0.6, -0.55]], requires_grad=True)
         >>> fake_quantize(w, torch.tensor([[0.25]]), bits=3, group_size=-1, amplitudes=[0.21])
-        tensor([[ 0.5000, -0.2500,  0.0000,  0.5000, -0.5000]], grad_fn=<_FakeQuantizeBackward>)
+        tensor([[ 0.5000, -0.2500,  0.0000,  0.5000, -0.5000]],
+               grad_fn=<_FakeQuantizeBackward>)
     """
     return _FakeQuantize.apply(weight, scales, bits, group_size, tuple(amplitudes))
 
