@@ -268,7 +268,10 @@ def test_dequantize_packed_bit_exact(device, dtype, bits, group_size, in_feature
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("bits", "group_size", "in_features"), LAYOUTS)
+@pytest.mark.parametrize(
+    ("bits", "group_size", "in_features"),
+    [*LAYOUTS, pytest.param(4, 128, 384, id="b4-g128"), pytest.param(2, -1, 256, id="b2-row256")],
+)
 @pytest.mark.parametrize(
     "rows", [pytest.param(1, id="M1"), pytest.param(5, id="M5"), pytest.param(13, id="M13")]
 )

@@ -103,6 +103,7 @@ def _packed_gemv_kernel(
     n_groups,
     k_per_split,
     BITS: tl.constexpr,
+    SCALE_PER_CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -116,8 +117,13 @@ def _packed_gemv_kernel(
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
         q = _unpack_levels(packed_ptr, rows, row_mask, words_per_row, k0, BITS, BLOCK_K)
-        s_offs = rows.to(tl.int64)[:, None] * n_groups + (cols // group)[None, :]
-        s = tl.load(s_ptr + s_offs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        if SCALE_PER_CHUNK:
+            # The chunk lies inside one group: one scale per row, broadcast (g128 and per-row layouts).
+            s = tl.load(s_ptr + rows.to(tl.int64) * n_groups + k0 // group, mask=row_mask, other=0.0)
+            s = s.to(tl.float32)[:, None]
+        else:
+            s_offs = rows.to(tl.int64)[:, None] * n_groups + (cols // group)[None, :]
+            s = tl.load(s_ptr + s_offs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
         # The reference multiplies by the weight rounded to the activation dtype: round the same way.
         w = cast_rne(q * s, x_ptr.dtype.element_ty).to(tl.float32)
         x = tl.load(x_ptr + m.to(tl.int64) * K + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -184,6 +190,7 @@ def packed_gemv(
         scales.shape[1],
         k_per_split,
         BITS=bits,
+        SCALE_PER_CHUNK=group % _BLOCK_K == 0,
         BLOCK_N=_BLOCK_N,
         BLOCK_K=_BLOCK_K,
     )
