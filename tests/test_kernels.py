@@ -352,17 +352,17 @@ def test_fake_quantize_under_torch_compile(device):
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_custom_ops_pass_opcheck(device):
     """torch.library.opcheck: schemas, fake implementations and autograd registrations are consistent."""
-    from hf_lotion.kernels import fake_quant, packed_matmul, stochastic_round
+    from hf_lotion.kernels import fake_quant, packed_matmul
 
     w = _weight(64, torch.float32, device).requires_grad_()
     scales = kernels.absmax_scales(w, 4, 32).requires_grad_()
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(fake_quant._fake_quantize_op, (w, scales, 4, 32, [0.21]), test_utils=tests)
-    torch.library.opcheck(stochastic_round._stochastic_op, (w, scales, 4, 32, 3, 0), test_utils=tests)
+    torch.library.opcheck(fake_quant.fake_quantize_op, (w, scales, 4, 32, [0.21], None, 0), test_utils=tests)
+    torch.library.opcheck(fake_quant.fake_quantize_op, (w, scales, 4, 32, [], 3, 0), test_utils=tests)
     layer = _packed_layer(4, 32, 64, torch.float32, device)
     x = torch.randn(2, 64, device=device, requires_grad=True)
     args = (x, layer.weight, layer.weight_scale, layer.bias, 4, 32, 64)
-    torch.library.opcheck(packed_matmul._packed_linear_op, args, test_utils=tests)
+    torch.library.opcheck(packed_matmul.packed_linear, args, test_utils=tests)
 
 
 def test_dispatch_picks_reference_on_cpu_in_auto_mode_and_validates_the_variable(monkeypatch):

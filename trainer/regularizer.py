@@ -126,74 +126,73 @@ class LotionRegularizer:
                 )
             num_tokens = count_target_tokens(batch)
         step, self.steps = self.steps, self.steps + 1
-        if self._can_fuse(grad_scale):
-            return self._fused_fisher_step(float(num_tokens), grad_scale)
+        estimator = self.estimator
+        if isinstance(estimator, FisherCurvature) and self._fisher_fuses(grad_scale):
+            # Curvature update and regulariser in one kernel pass per layer.
+            fisher = estimator.begin_fused_update(float(num_tokens), grad_scale)
+            values = [
+                self._add_regularizer(layer, estimator.state(name, layer.weight), grad_scale, fisher)
+                for name, layer in self.layers.items()
+            ]
+            return torch.stack(values).sum()
         self._update_curvature(step, batch, float(num_tokens), grad_scale)
 
         values = []
         for name, layer in self.layers.items():
-            curvature = self.estimator.estimate(name)
-            if curvature is None:
-                continue
-            spec = layer.spec
-            weight, current = layer.weight.detach(), layer.weight.grad
-            if current is not None and current.is_contiguous() and kernels.lotion_kernel_available(weight):
-                value = kernels.lotion_regularizer_step_(
-                    weight,
-                    layer.quant_scales(),
-                    current,
-                    curvature,
-                    spec.bits,
-                    spec.group_size,
-                    self.strength,
-                    grad_scale,
-                )
-                values.append(value)
-                continue
-            value, grad = lotion_penalty_and_grad(
-                weight, layer.quant_scales(), curvature, spec.bits, spec.group_size, self.strength
-            )
-            if grad_scale != 1.0:
-                grad = grad * grad_scale
-            if layer.weight.grad is None:
-                layer.weight.grad = grad
-            else:
-                layer.weight.grad.add_(grad)
-            values.append(value.float())
+            curvature = estimator.estimate(name)
+            if curvature is not None:
+                values.append(self._add_regularizer(layer, curvature, grad_scale))
         return torch.stack(values).sum() if values else torch.zeros(())
 
-    def _can_fuse(self, grad_scale: float) -> bool:
-        """Empirical Fisher on Triton-capable tensors: curvature update and regulariser in one kernel per layer."""
-        if not isinstance(self.estimator, FisherCurvature):
-            return False
+    @staticmethod
+    def _on_kernels(layer: LotionLinear) -> bool:
+        """Whether this layer's regulariser step runs as the fused Triton kernel (in place on `.grad`)."""
+        grad = layer.weight.grad
+        return grad is not None and grad.is_contiguous() and kernels.lotion_kernel_available(layer.weight)
+
+    def _fisher_fuses(self, grad_scale: float) -> bool:
         for layer in self.layers.values():
-            grad = layer.weight.grad
-            if grad is None or not grad.is_contiguous() or not kernels.lotion_kernel_available(layer.weight):
+            if not self._on_kernels(layer):
                 return False
-            if grad_scale != 1.0 and not torch.isfinite(grad).all():
+            if grad_scale != 1.0 and not torch.isfinite(layer.weight.grad).all():
                 return False  # the reference path skips the curvature update of an overflowed step
         return True
 
-    def _fused_fisher_step(self, num_tokens: float, grad_scale: float) -> torch.Tensor:
-        estimator = self.estimator
-        beta, factor, correction = estimator.begin_fused_update(num_tokens, grad_scale)
-        values = []
-        for name, layer in self.layers.items():
-            spec = layer.spec
-            values.append(
-                kernels.lotion_regularizer_step_(
-                    layer.weight.detach(),
-                    layer.quant_scales(),
-                    layer.weight.grad,
-                    estimator.state(name, layer.weight),
-                    spec.bits,
-                    spec.group_size,
-                    self.strength,
-                    grad_scale,
-                    fisher=(beta, factor, correction),
-                )
+    def _add_regularizer(
+        self,
+        layer: LotionLinear,
+        curvature: torch.Tensor,
+        grad_scale: float,
+        fisher: tuple[float, float, float] | None = None,
+    ) -> torch.Tensor:
+        """Add `(lambda/2) G s (1 - 2p)` to the layer's gradient; returns the penalty (fp32 scalar).
+
+        With `fisher`, `curvature` is the EMA state, updated from the gradient in the same kernel pass.
+        """
+        spec, weight = layer.spec, layer.weight.detach()
+        if self._on_kernels(layer):
+            return kernels.lotion_regularizer_step_(
+                weight,
+                layer.quant_scales(),
+                layer.weight.grad,
+                curvature,
+                spec.bits,
+                spec.group_size,
+                self.strength,
+                grad_scale,
+                fisher,
             )
-        return torch.stack(values).sum()
+        assert fisher is None, "the fused Fisher update exists only as a kernel"
+        value, grad = lotion_penalty_and_grad(
+            weight, layer.quant_scales(), curvature, spec.bits, spec.group_size, self.strength
+        )
+        if grad_scale != 1.0:
+            grad = grad * grad_scale
+        if layer.weight.grad is None:
+            layer.weight.grad = grad
+        else:
+            layer.weight.grad.add_(grad)
+        return value.float()
 
     def needs_batch(self) -> bool:
         """Whether the next `step` runs a sampled-label pass and so needs the batch on the model's device."""

@@ -5,11 +5,11 @@ Every function here has the signature and the results of its reference and dispa
 bf16, fp16; float64 always takes the reference), else the reference. Kernel modules import triton, so
 they are imported only when a kernel is about to run.
 
-One file per op (kernel, launcher, custom op with a fake implementation, autograd):
+One file per op (kernels, custom ops that launch them with fake implementations, autograd):
 
-* `fake_quant`: group absmax, fused RTN fake-quant forward, STE/StableQAT backward with LSQ scale grads;
+* `fake_quant`: group absmax; fused fake-quant forward with round-to-nearest or counter-based (Philox)
+  randomized rounding; STE/StableQAT backward with LSQ scale grads;
 * `lotion`: LOTION's regulariser step (curvature EMA, penalty, gradient added in place) in one pass;
-* `stochastic_round`: randomized-rounding fake quant with counter-based (Philox) noise;
 * `packed_matmul`: packed int2/3/4/8 dequantization, GEMV for decode, dequantize + cuBLAS for batches.
 
 Set `HF_LOTION_KERNELS=reference` to force the reference everywhere (debugging).
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import quant
+from ..quant.rounding import check_counter
 from .dispatch import (
     BACKENDS,
     ENV_VAR,
@@ -71,7 +72,9 @@ def fake_quantize(
     if _triton_for(weight, scales):
         from . import fake_quant
 
-        return fake_quant.fake_quantize(weight, scales, bits, group_size, amplitudes)
+        return fake_quant.fake_quantize_op(
+            weight, scales, bits, group_size, [float(a) for a in amplitudes], None, 0
+        )
     return quant.fake_quantize(weight, scales, bits, group_size, amplitudes)
 
 
@@ -79,10 +82,11 @@ def stochastic_fake_quantize(
     weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, seed: int, offset: int = 0
 ) -> torch.Tensor:
     """Randomized-rounding fake quantization; the same levels as `hf_lotion.quant.stochastic_fake_quantize`."""
+    check_counter(seed, offset)
     if _triton_for(weight, scales):
-        from . import stochastic_round
+        from . import fake_quant
 
-        return stochastic_round.stochastic_fake_quantize(weight, scales, bits, group_size, seed, offset)
+        return fake_quant.fake_quantize_op(weight, scales, bits, group_size, [], int(seed), int(offset))
     return quant.stochastic_fake_quantize(weight, scales, bits, group_size, seed, offset)
 
 
@@ -105,8 +109,16 @@ def lotion_regularizer_step_(
     """Fused LOTION step (Triton only; see `kernels.lotion.lotion_step_`). Check `lotion_kernel_available`."""
     from . import lotion
 
-    return lotion.lotion_regularizer_step_(
-        weight, scales, grad, curvature, bits, group_size, strength, grad_scale, fisher
+    return lotion.lotion_step_(
+        weight,
+        scales,
+        grad,
+        curvature,
+        bits,
+        group_size,
+        float(strength),
+        float(grad_scale),
+        list(fisher or ()),
     )
 
 

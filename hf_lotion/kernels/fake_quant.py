@@ -1,6 +1,10 @@
-"""Fused fake quantization in Triton: group absmax, RTN forward, STE/StableQAT backward with LSQ scale grads.
+"""Fused fake quantization in Triton: group absmax; forward with round-to-nearest or randomized rounding;
+STE/StableQAT backward with LSQ scale grads.
 
 Reference: `hf_lotion.quant.fake_quant` and `hf_lotion.quant.grid` (same arithmetic, element by element).
+Randomized rounding draws element `i`'s uniform as `(tl.randint(seed, offset + i) >> 8) * 2**-24`, which
+`hf_lotion.quant.rounding` reproduces bit for bit: levels depend on `(seed, offset, i)` only, never on block
+sizes or devices, and the backward regenerates them instead of storing a noise tensor.
 The weight `(out, in)` is viewed as `(out * n_groups, group)` rows, one scale per row. Each program owns
 `BLOCK_R` whole rows and walks their columns in chunks of `BLOCK_G`, so per-row reductions (absmax, the
 LSQ scale gradient) finish inside one program and need no atomics.
@@ -12,7 +16,7 @@ and `q * s` is computed in fp32 and rounded once to the output dtype, as the ref
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
 
 import torch
 import triton
@@ -22,15 +26,16 @@ from ..quant.fake_quant import lsq_gradient_scale
 from ..quant.grid import SCALE_FLOOR_RATIO, int_range, scale_divisor
 from ..quant.spec import SURROGATE_COEFF, resolve_group_size
 
-# 1.5 * 2**23: adding and subtracting it rounds an fp32 |x| < 2**22 to an integer, half to even.
-_ROUND_MAGIC = 12582912.0
 _MAX_BLOCK_G = 1024
 _BLOCK_ELEMENTS = 4096
 
 
 @triton.jit
 def round_half_even(x):
-    """Round fp32 `x` (|x| < 2**22) to the nearest integer, ties to even, like `torch.round`."""
+    """Round fp32 `x` (|x| < 2**22) to the nearest integer, ties to even, like `torch.round`.
+
+    Adding and subtracting 1.5 * 2**23 leaves no fraction bits, and the fp32 add rounds half to even.
+    """
     return (x + 12582912.0) - 12582912.0
 
 
@@ -82,14 +87,33 @@ def _group_absmax_kernel(w_ptr, out_ptr, n_rows, group, BLOCK_R: tl.constexpr, B
 
 
 @triton.jit
+def quant_levels(w, s, idx, seed, QMIN: tl.constexpr, QMAX: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """`(v, q)`: `v = w / s` and its level in `[QMIN, QMAX]`, nearest (ties to even) or randomized."""
+    v = tl.div_rn(w, s)
+    if STOCHASTIC:
+        clamped = tl.minimum(tl.maximum(v, QMIN), QMAX)
+        lower = tl.floor(clamped)
+        u = (tl.randint(seed, idx) >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
+        q = lower + tl.where(u < clamped - lower, 1.0, 0.0)
+    else:
+        # Clamping before rounding keeps |v| small for the magic-number rounding; same levels after clamp.
+        q = round_half_even(tl.minimum(tl.maximum(v, QMIN - 1.0), QMAX + 1.0))
+        q = tl.minimum(tl.maximum(q, QMIN), QMAX)
+    return v, q
+
+
+@triton.jit
 def _fake_quant_fwd_kernel(
     w_ptr,
     s_ptr,
     out_ptr,
     n_rows,
     group,
+    seed,
+    offset,
     QMIN: tl.constexpr,
     QMAX: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
@@ -97,9 +121,7 @@ def _fake_quant_fwd_kernel(
     for start in range(0, group, BLOCK_G):
         offs, mask = column_chunk(base, row_mask, group, start, BLOCK_G)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        # Clamping before rounding keeps |v| small for the magic-number rounding; same levels after clamp.
-        v = tl.minimum(tl.maximum(tl.div_rn(w, s), QMIN - 1.0), QMAX + 1.0)
-        q = tl.minimum(tl.maximum(round_half_even(v), QMIN), QMAX)
+        _, q = quant_levels(w, s, offs + offset, seed, QMIN, QMAX, STOCHASTIC)
         tl.store(out_ptr + offs, cast_rne(q * s, out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -113,9 +135,12 @@ def _fake_quant_bwd_kernel(
     amp_ptr,
     n_rows,
     group,
+    seed,
+    offset,
     lsq_factor,
     QMIN: tl.constexpr,
     QMAX: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     N_TERMS: tl.constexpr,
     NEED_DW: tl.constexpr,
     NEED_DS: tl.constexpr,
@@ -128,9 +153,8 @@ def _fake_quant_bwd_kernel(
         offs, mask = column_chunk(base, row_mask, group, start, BLOCK_G)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.div_rn(w, s)
+        v, q = quant_levels(w, s, offs + offset, seed, QMIN, QMAX, STOCHASTIC)
         inside = (v >= QMIN) & (v <= QMAX)
-        q = round_half_even(tl.minimum(tl.maximum(v, QMIN - 1.0), QMAX + 1.0))
         if NEED_DW:
             dw = dy
             if N_TERMS > 0:
@@ -144,8 +168,8 @@ def _fake_quant_bwd_kernel(
             dw = tl.where(inside, dw, 0.0)
             tl.store(dw_ptr + offs, cast_rne(dw, dw_ptr.dtype.element_ty), mask=mask)
         if NEED_DS:
-            dwhat_ds = tl.where(inside, q - v, tl.minimum(tl.maximum(q, QMIN), QMAX))
-            ds_acc += tl.sum(tl.where(mask, dy * dwhat_ds, 0.0), axis=1)
+            # Outside the range the (clamped) level is the clip level LSQ differentiates by.
+            ds_acc += tl.sum(tl.where(mask, dy * tl.where(inside, q - v, q), 0.0), axis=1)
     if NEED_DS:
         tl.store(ds_ptr + rows, cast_rne(ds_acc * lsq_factor, ds_ptr.dtype.element_ty), mask=row_mask)
 
@@ -165,6 +189,12 @@ def _rows(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int, int
     """The weight as contiguous `(out * n_groups, group)` rows."""
     group = resolve_group_size(group_size, weight.shape[1])
     return weight.contiguous(), weight.numel() // group, group
+
+
+@functools.cache
+def _amplitudes_on(amplitudes: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """StableQAT's amplitudes as a device tensor, made once (not a host-to-device copy per backward)."""
+    return torch.tensor(amplitudes or (0.0,), device=device, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,51 +222,88 @@ def absmax_scales(
     return torch.maximum(absmax / scale_divisor(bits, grid), floor).to(dtype)
 
 
-def fake_quantize_forward(
-    weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int
+# ---------------------------------------------------------------------------------------------------
+# Custom ops (launchers, opaque to torch.compile, with fake implementations) and autograd
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("hf_lotion::fake_quantize", mutates_args=())
+def fake_quantize_op(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    amplitudes: list[float],
+    seed: int | None,
+    offset: int,
 ) -> torch.Tensor:
-    """`s * clamp(round(w / s))` in the weight's dtype (the RTN weight), one fused pass."""
+    """`s * q` in the weight's dtype, one fused pass: `q` rounds to nearest, or randomly under `seed`.
+
+    The backward is STE, or StableQAT's surrogate given `amplitudes` (round-to-nearest only), plus LSQ
+    scale gradients when the scales require grad.
+    """
+    assert seed is None or not amplitudes, "the surrogate is defined for round-to-nearest only"
     w, n_rows, group = _rows(weight, group_size)
     out = torch.empty_like(w)
     qmin, qmax = int_range(bits)
     block_r, block_g, programs = _blocks(n_rows, group)
     _fake_quant_fwd_kernel[(programs,)](
-        w, scales.contiguous(), out, n_rows, group, QMIN=qmin, QMAX=qmax, BLOCK_R=block_r, BLOCK_G=block_g
+        w,
+        scales.contiguous(),
+        out,
+        n_rows,
+        group,
+        seed or 0,
+        offset,
+        QMIN=qmin,
+        QMAX=qmax,
+        STOCHASTIC=seed is not None,
+        BLOCK_R=block_r,
+        BLOCK_G=block_g,
     )
     return out
 
 
-def fake_quantize_backward(
+@fake_quantize_op.register_fake
+def _(weight, scales, bits, group_size, amplitudes, seed, offset):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("hf_lotion::fake_quantize_backward", mutates_args=())
+def fake_quantize_backward_op(
     grad_output: torch.Tensor,
     weight: torch.Tensor,
     scales: torch.Tensor,
     bits: int,
     group_size: int,
-    amplitudes: Sequence[float],
-    need_weight_grad: bool = True,
-    need_scale_grad: bool = False,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Weight gradient (STE mask times StableQAT's surrogate) and LSQ scale gradient, one fused pass."""
+    amplitudes: list[float],
+    seed: int | None,
+    offset: int,
+    need_weight_grad: bool,
+    need_scale_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and LSQ scale gradients in one pass; an empty tensor stands for one not requested."""
     w, n_rows, group = _rows(weight, group_size)
-    dy = grad_output.contiguous()
     scales = scales.contiguous()
-    dw = torch.empty_like(w) if need_weight_grad else None
-    ds = torch.empty_like(scales) if need_scale_grad else None
-    amps = torch.tensor([float(a) for a in amplitudes] or [0.0], device=w.device, dtype=torch.float32)
+    dw = torch.empty_like(w) if need_weight_grad else w.new_empty(0)
+    ds = torch.empty_like(scales) if need_scale_grad else scales.new_empty(0)
     qmin, qmax = int_range(bits)
     block_r, block_g, programs = _blocks(n_rows, group)
     _fake_quant_bwd_kernel[(programs,)](
         w,
         scales,
-        dy,
-        w if dw is None else dw,  # unused pointers when the grad is not needed
-        scales if ds is None else ds,
-        amps,
+        grad_output.contiguous(),
+        dw if need_weight_grad else w,  # unused pointers when the grad is not needed
+        ds if need_scale_grad else scales,
+        _amplitudes_on(tuple(amplitudes), w.device),
         n_rows,
         group,
+        seed or 0,
+        offset,
         lsq_gradient_scale(weight.numel(), bits),
         QMIN=qmin,
         QMAX=qmax,
+        STOCHASTIC=seed is not None,
         N_TERMS=len(amplitudes),
         NEED_DW=need_weight_grad,
         NEED_DS=need_scale_grad,
@@ -246,85 +313,34 @@ def fake_quantize_backward(
     return dw, ds
 
 
-# ---------------------------------------------------------------------------------------------------
-# Custom ops (opaque to torch.compile, with fake implementations) and autograd
-# ---------------------------------------------------------------------------------------------------
-
-
-def grads_as_tensors(
-    dw: torch.Tensor | None, ds: torch.Tensor | None, weight: torch.Tensor, scales: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Custom ops return tensors, not None: an empty tensor stands for a gradient that was not requested."""
-    return (weight.new_empty(0) if dw is None else dw), (scales.new_empty(0) if ds is None else ds)
-
-
-def fake_grads(
-    weight: torch.Tensor, scales: torch.Tensor, need_weight_grad: bool, need_scale_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fake (meta) outputs of a backward op: gradients shaped like their inputs, or empty."""
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight_grad else None
-    ds = torch.empty_like(scales, memory_format=torch.contiguous_format) if need_scale_grad else None
-    return grads_as_tensors(dw, ds, weight, scales)
-
-
-@torch.library.custom_op("hf_lotion::fake_quantize", mutates_args=())
-def _fake_quantize_op(
-    weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, amplitudes: list[float]
-) -> torch.Tensor:
-    return fake_quantize_forward(weight, scales, bits, group_size)
-
-
-@_fake_quantize_op.register_fake
-def _(weight, scales, bits, group_size, amplitudes):
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("hf_lotion::fake_quantize_backward", mutates_args=())
-def _fake_quantize_backward_op(
-    grad_output: torch.Tensor,
-    weight: torch.Tensor,
-    scales: torch.Tensor,
-    bits: int,
-    group_size: int,
-    amplitudes: list[float],
-    need_weight_grad: bool,
-    need_scale_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    dw, ds = fake_quantize_backward(
-        grad_output, weight, scales, bits, group_size, amplitudes, need_weight_grad, need_scale_grad
+@fake_quantize_backward_op.register_fake
+def _(
+    grad_output, weight, scales, bits, group_size, amplitudes, seed, offset, need_weight_grad, need_scale_grad
+):
+    dw = (
+        torch.empty_like(weight, memory_format=torch.contiguous_format)
+        if need_weight_grad
+        else weight.new_empty(0)
     )
-    return grads_as_tensors(dw, ds, weight, scales)
-
-
-@_fake_quantize_backward_op.register_fake
-def _(grad_output, weight, scales, bits, group_size, amplitudes, need_weight_grad, need_scale_grad):
-    return fake_grads(weight, scales, need_weight_grad, need_scale_grad)
+    ds = (
+        torch.empty_like(scales, memory_format=torch.contiguous_format)
+        if need_scale_grad
+        else scales.new_empty(0)
+    )
+    return dw, ds
 
 
 def _setup_context(ctx, inputs, output):
-    weight, scales, bits, group_size, amplitudes = inputs
+    weight, scales, bits, group_size, amplitudes, seed, offset = inputs
     ctx.save_for_backward(weight, scales)
-    ctx.bits, ctx.group_size, ctx.amplitudes = bits, group_size, amplitudes
+    ctx.args = (bits, group_size, amplitudes, seed, offset)
 
 
 def _backward(ctx, grad_output):
     weight, scales = ctx.saved_tensors
     need_dw, need_ds = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dw, ds = _fake_quantize_backward_op(
-        grad_output, weight, scales, ctx.bits, ctx.group_size, ctx.amplitudes, need_dw, need_ds
-    )
-    return (dw if need_dw else None), (ds if need_ds else None), None, None, None
+    dw, ds = fake_quantize_backward_op(grad_output, weight, scales, *ctx.args, need_dw, need_ds)
+    return (dw if need_dw else None), (ds if need_ds else None), None, None, None, None, None
 
 
-_fake_quantize_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def fake_quantize(
-    weight: torch.Tensor,
-    scales: torch.Tensor,
-    bits: int,
-    group_size: int,
-    amplitudes: Sequence[float] = (),
-) -> torch.Tensor:
-    """Triton `hf_lotion.quant.fake_quantize`: RTN forward, STE (or StableQAT) backward, LSQ scale grads."""
-    return _fake_quantize_op(weight, scales, bits, group_size, [float(a) for a in amplitudes])
+fake_quantize_op.register_autograd(_backward, setup_context=_setup_context)

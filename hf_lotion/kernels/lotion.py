@@ -66,56 +66,8 @@ def _lotion_step_kernel(
     tl.store(partial_ptr + tl.program_id(0), tl.sum(penalty, axis=0) * half_strength)
 
 
-def lotion_step_(
-    weight: torch.Tensor,
-    scales: torch.Tensor,
-    grad: torch.Tensor,
-    curvature: torch.Tensor,
-    bits: int,
-    group_size: int,
-    strength: float = 1.0,
-    grad_scale: float = 1.0,
-    fisher: tuple[float, float, float] | None = None,
-) -> torch.Tensor:
-    """Add LOTION's regulariser gradient into `grad` in place and return the penalty (fp32 scalar).
-
-    Args:
-        curvature: fp32 `(out, in)`: the diagonal curvature `G`, or, with `fisher`, the EMA state that is
-            updated in place from `grad` before `grad` is changed.
-        fisher: `(beta, factor, bias_correction)`: fold `factor * grad**2` into the EMA with decay `beta`
-            and use `G = ema * bias_correction`.
-    """
-    assert grad.is_contiguous() and curvature.is_contiguous() and curvature.dtype == torch.float32
-    w, n_rows, group = _rows(weight.detach(), group_size)
-    block_r, block_g, programs = _blocks(n_rows, group)
-    partial = torch.empty(programs, device=w.device, dtype=torch.float32)
-    beta, factor, correction = fisher if fisher is not None else (0.0, 0.0, 1.0)
-    qmin, qmax = int_range(bits)
-    _lotion_step_kernel[(programs,)](
-        w,
-        scales.detach().contiguous(),
-        grad,
-        curvature,
-        partial,
-        n_rows,
-        group,
-        0.5 * float(strength),
-        float(grad_scale),
-        float(beta),
-        float(factor),
-        float(correction),
-        QMIN=qmin,
-        QMAX=qmax,
-        FISHER=fisher is not None,
-        SCALED=grad_scale != 1.0,
-        BLOCK_R=block_r,
-        BLOCK_G=block_g,
-    )
-    return partial.sum()
-
-
 @torch.library.custom_op("hf_lotion::lotion_step_", mutates_args=("grad", "curvature"))
-def _lotion_step_op(
+def lotion_step_(
     weight: torch.Tensor,
     scales: torch.Tensor,
     grad: torch.Tensor,
@@ -126,36 +78,43 @@ def _lotion_step_op(
     grad_scale: float,
     fisher: list[float],
 ) -> torch.Tensor:
-    return lotion_step_(
-        weight, scales, grad, curvature, bits, group_size, strength, grad_scale, tuple(fisher) or None
-    )
+    """Add LOTION's regulariser gradient into `grad` in place and return the penalty (fp32 scalar).
 
-
-@_lotion_step_op.register_fake
-def _(weight, scales, grad, curvature, bits, group_size, strength, grad_scale, fisher):
-    return weight.new_empty((), dtype=torch.float32)
-
-
-def lotion_regularizer_step_(
-    weight: torch.Tensor,
-    scales: torch.Tensor,
-    grad: torch.Tensor,
-    curvature: torch.Tensor,
-    bits: int,
-    group_size: int,
-    strength: float = 1.0,
-    grad_scale: float = 1.0,
-    fisher: tuple[float, float, float] | None = None,
-) -> torch.Tensor:
-    """`lotion_step_` as the custom op `hf_lotion::lotion_step_` (safe inside `torch.compile`)."""
-    return _lotion_step_op(
-        weight,
-        scales,
+    Args:
+        curvature: fp32 `(out, in)`: the diagonal curvature `G`, or, with `fisher`, the EMA state that is
+            updated in place from `grad` before `grad` is changed.
+        fisher: `[beta, factor, bias_correction]`: fold `factor * grad**2` into the EMA with decay `beta`
+            and use `G = ema * bias_correction`; empty to read `G` as given.
+    """
+    assert grad.is_contiguous() and curvature.is_contiguous() and curvature.dtype == torch.float32
+    w, n_rows, group = _rows(weight.detach(), group_size)
+    block_r, block_g, programs = _blocks(n_rows, group)
+    partial = torch.empty(programs, device=w.device, dtype=torch.float32)
+    beta, factor, correction = fisher or (0.0, 0.0, 1.0)
+    qmin, qmax = int_range(bits)
+    _lotion_step_kernel[(programs,)](
+        w,
+        scales.detach().contiguous(),
         grad,
         curvature,
-        bits,
-        group_size,
-        float(strength),
-        float(grad_scale),
-        list(fisher or ()),
+        partial,
+        n_rows,
+        group,
+        0.5 * strength,
+        grad_scale,
+        beta,
+        factor,
+        correction,
+        QMIN=qmin,
+        QMAX=qmax,
+        FISHER=bool(fisher),
+        SCALED=grad_scale != 1.0,
+        BLOCK_R=block_r,
+        BLOCK_G=block_g,
     )
+    return partial.sum()
+
+
+@lotion_step_.register_fake
+def _(weight, scales, grad, curvature, bits, group_size, strength, grad_scale, fisher):
+    return weight.new_empty((), dtype=torch.float32)

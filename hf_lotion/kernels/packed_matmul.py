@@ -167,8 +167,7 @@ def packed_gemv(
 ) -> torch.Tensor:
     """`x @ (s * q).T` for a 2-D `x` of few rows, fp32 result `(M, N)` (bias and the cast are the caller's)."""
     _check_packed(packed, scales, bits, in_features)
-    if bits not in GEMV_BITS:
-        raise ValueError(f"packed_gemv supports bits in {GEMV_BITS}, got bits={bits}.")
+    assert bits in GEMV_BITS, f"packed_gemv takes bits in {GEMV_BITS}, got {bits}"
     m, n = x.shape[0], packed.shape[0]
     group = resolve_group_size(group_size, in_features)
     n_blocks = triton.cdiv(n, _BLOCK_N)
@@ -197,7 +196,8 @@ def packed_gemv(
     return partial.sum(dim=0)
 
 
-def _packed_linear(
+@torch.library.custom_op("hf_lotion::packed_linear", mutates_args=())
+def packed_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
     scales: torch.Tensor,
@@ -206,6 +206,7 @@ def _packed_linear(
     group_size: int,
     in_features: int,
 ) -> torch.Tensor:
+    """`F.linear(x, s * q, bias)` from packed weights: GEMV for up to `GEMV_MAX_M` rows, else dequant + cuBLAS."""
     rows = x.reshape(-1, in_features)
     if rows.shape[0] <= GEMV_MAX_M and bits in GEMV_BITS:
         out = packed_gemv(rows, packed, scales, bits, group_size, in_features)
@@ -216,20 +217,7 @@ def _packed_linear(
     return F.linear(x, weight, bias)
 
 
-@torch.library.custom_op("hf_lotion::packed_linear", mutates_args=())
-def _packed_linear_op(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    in_features: int,
-) -> torch.Tensor:
-    return _packed_linear(x, packed, scales, bias, bits, group_size, in_features)
-
-
-@_packed_linear_op.register_fake
+@packed_linear.register_fake
 def _(x, packed, scales, bias, bits, group_size, in_features):
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
@@ -252,21 +240,4 @@ def _backward(ctx, grad_output):
     return grad_x, None, None, grad_bias, None, None, None
 
 
-_packed_linear_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def packed_linear(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    in_features: int,
-) -> torch.Tensor:
-    """`F.linear(x, s * q, bias)` from packed weights: GEMV for up to `GEMV_MAX_M` rows, else dequant + cuBLAS.
-
-    Example:
-        >>> y = packed_linear(x, layer.weight, layer.weight_scale, layer.bias, 4, 128, 4096)  # doctest: +SKIP
-    """
-    return _packed_linear_op(x, packed, scales, bias, bits, group_size, in_features)
+packed_linear.register_autograd(_backward, setup_context=_setup_context)

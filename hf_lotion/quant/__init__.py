@@ -11,7 +11,6 @@ from .fake_quant import (
     stableqat_surrogate,
     ste_fake_quantize,
     stochastic_fake_quantize,
-    stochastic_levels,
 )
 from .grid import (
     absmax_scales,
@@ -64,7 +63,6 @@ __all__ = [
     "stableqat_surrogate",
     "ste_fake_quantize",
     "stochastic_fake_quantize",
-    "stochastic_levels",
     "stochastic_round",
     "unpack_int",
 ]

@@ -47,13 +47,21 @@ def lsq_gradient_scale(numel: int, bits: int) -> float:
     return 1.0 / math.sqrt(numel * (2 ** (bits - 1) - 1))
 
 
+def _levels(v: torch.Tensor, bits: int, seed: int | None, offset: int) -> torch.Tensor:
+    """Integer levels of `v = w / s` in the clip range: round to nearest, or randomized rounding under `seed`."""
+    qmin, qmax = int_range(bits)
+    if seed is None:
+        return torch.round(v).clamp_(qmin, qmax)
+    return stochastic_round(v, qmin, qmax, seed=seed, offset=offset)
+
+
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, scales, bits, group_size, amplitudes):
-        qmin, qmax = int_range(bits)
-        q = torch.round(scaled_values(weight, scales, group_size)).clamp_(qmin, qmax)
+    def forward(ctx, weight, scales, bits, group_size, amplitudes, seed, offset):
+        q = _levels(scaled_values(weight, scales, group_size), bits, seed, offset)
         ctx.save_for_backward(weight, scales)
         ctx.bits, ctx.group_size, ctx.amplitudes = bits, group_size, amplitudes
+        ctx.seed, ctx.offset = seed, offset
         return dequantize(q.reshape(weight.shape), scales, group_size, weight.dtype)
 
     @staticmethod
@@ -69,11 +77,13 @@ class _FakeQuantize(torch.autograd.Function):
             g = stableqat_surrogate(v, ctx.amplitudes)
             grad_weight = torch.where(inside, grad * g, 0.0).reshape(weight.shape).to(weight.dtype)
         if ctx.needs_input_grad[1]:
-            q = torch.round(v)
-            dwhat_ds = torch.where(inside, q - v, q.clamp(qmin, qmax))
+            # Levels are recomputed (randomized ones regenerated from the seed), not stored. Outside the
+            # range the clamped level is the clip level LSQ differentiates by.
+            q = _levels(v, ctx.bits, ctx.seed, ctx.offset)
+            dwhat_ds = torch.where(inside, q - v, q)
             factor = lsq_gradient_scale(weight.numel(), ctx.bits)
             grad_scales = ((grad * dwhat_ds).sum(dim=-1) * factor).to(scales.dtype)
-        return grad_weight, grad_scales, None, None, None
+        return grad_weight, grad_scales, None, None, None, None, None
 
 
 def fake_quantize(
@@ -93,7 +103,7 @@ def fake_quantize(
         tensor([[ 0.5000, -0.2500,  0.0000,  0.5000, -0.5000]],
                grad_fn=<_FakeQuantizeBackward>)
     """
-    return _FakeQuantize.apply(weight, scales, bits, group_size, tuple(amplitudes))
+    return _FakeQuantize.apply(weight, scales, bits, group_size, tuple(amplitudes), None, 0)
 
 
 def ste_fake_quantize(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -112,48 +122,6 @@ def stableqat_fake_quantize(
     return fake_quantize(weight, scales, bits, group_size, amplitudes)
 
 
-def stochastic_levels(
-    weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, seed: int, offset: int = 0
-) -> torch.Tensor:
-    """Randomized-rounding levels `RR(clamp(w / s))`, `(out, in)` in the math dtype, counter-based in `seed`.
-
-    Element `(i, j)` uses counter `offset + i * in_features + j`, as the Triton kernel does.
-    """
-    qmin, qmax = int_range(bits)
-    v = scaled_values(weight.detach(), scales.detach(), group_size)
-    return stochastic_round(v, qmin, qmax, seed=seed, offset=offset).reshape(weight.shape)
-
-
-class _StochasticFakeQuantize(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, scales, bits, group_size, seed, offset):
-        q = stochastic_levels(weight, scales, bits, group_size, seed, offset)
-        ctx.save_for_backward(weight, scales)
-        ctx.bits, ctx.group_size, ctx.seed, ctx.offset = bits, group_size, seed, offset
-        return dequantize(q, scales, group_size, weight.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        weight, scales = ctx.saved_tensors
-        qmin, qmax = int_range(ctx.bits)
-        v = scaled_values(weight, scales, ctx.group_size)
-        inside = (v >= qmin) & (v <= qmax)
-        grad = grouped(grad_output.to(v.dtype), ctx.group_size)
-        grad_weight = grad_scales = None
-        if ctx.needs_input_grad[0]:
-            grad_weight = torch.where(inside, grad, 0.0).reshape(weight.shape).to(weight.dtype)
-        if ctx.needs_input_grad[1]:
-            # The levels are regenerated from the seed, not stored.
-            q = grouped(
-                stochastic_levels(weight, scales, ctx.bits, ctx.group_size, ctx.seed, ctx.offset),
-                ctx.group_size,
-            )
-            dwhat_ds = torch.where(inside, q - v, q)
-            factor = lsq_gradient_scale(weight.numel(), ctx.bits)
-            grad_scales = ((grad * dwhat_ds).sum(dim=-1) * factor).to(scales.dtype)
-        return grad_weight, grad_scales, None, None, None, None
-
-
 def stochastic_fake_quantize(
     weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, seed: int, offset: int = 0
 ) -> torch.Tensor:
@@ -168,4 +136,4 @@ def stochastic_fake_quantize(
         >>> stochastic_fake_quantize(w, torch.tensor([[0.1]]), bits=4, group_size=-1, seed=3)
         tensor([[0.2000, 0.0000, 0.4000]])
     """
-    return _StochasticFakeQuantize.apply(weight, scales, bits, group_size, int(seed), int(offset))
+    return _FakeQuantize.apply(weight, scales, bits, group_size, (), int(seed), int(offset))

@@ -34,13 +34,20 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return high, ((cross << 16) + low_low) & _MASK32
 
 
+def check_counter(seed: int, offset: int = 0) -> None:
+    """Reject a seed or counter offset outside what the generator takes (every path calls this first)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed} is not supported; allowed: an integer in [0, 2**63 - 1].")
+    if offset < 0:
+        raise ValueError(f"offset={offset} is not supported; allowed: an integer >= 0.")
+
+
 def philox_uint32(seed: int, counters: torch.Tensor) -> torch.Tensor:
     """Philox-4x32-10 of `counters` (int64, >= 0) under `seed`: first output word, int64 in [0, 2**32).
 
     Bit-identical to Triton's `tl.randint(seed, counters)` with int64 counters.
     """
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed={seed} is not supported; allowed: an integer in [0, 2**63 - 1].")
+    check_counter(seed)
     c0, c1 = counters & _MASK32, (counters >> 32) & _MASK32
     c2 = c3 = torch.zeros_like(counters)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
@@ -61,8 +68,7 @@ def counter_uniform(
         >>> torch.equal(counter_uniform(7, (2, 3))[1], counter_uniform(7, (3,), offset=3))
         True
     """
-    if offset < 0:
-        raise ValueError(f"offset={offset} is not supported; allowed: an integer >= 0.")
+    check_counter(seed, offset)
     numel = 1
     for size in shape:
         numel *= size
