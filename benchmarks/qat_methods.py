@@ -1,8 +1,8 @@
 """Quantized eval loss of RTN / STE / StableQAT / LOTION on a tiny byte-level Llama (CPU, offline).
 
 Every method starts from the same random init and trains for the same steps on the embedded corpus with
-`LotionTrainer`; `rtn` trains in full precision (its latent loss is the fp baseline) and is rounded at
-the end. Several seeds and a small learning-rate sweep per method, because a damped surrogate gradient
+`LotionTrainer`; `full_precision` trains in full precision (its latent loss is the fp baseline) and is
+rounded at the end. Several seeds and a small learning-rate sweep per method, because a damped surrogate gradient
 partly acts like a smaller learning rate (DESIGN section 11).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/qat_methods.py --bits 2 3 4 --seeds 0 1 2 --lrs 1e-3 2e-3 4e-3
@@ -47,12 +47,21 @@ def run(method, bits, seed, lr, steps, group_size=32, overrides=None):
     }
 
 
+def _accepted(method: str, options: dict) -> dict:
+    """The overrides `method` takes: common LotionConfig fields and its own options."""
+    from hf_lotion.config import COMMON_FIELDS
+    from hf_lotion.methods import method_class
+
+    allowed = {*COMMON_FIELDS, *method_class(method).option_names()}
+    return {key: value for key, value in options.items() if key in allowed}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--methods", nargs="+", default=["rtn", "ste", "stableqat", "lotion"])
+    parser.add_argument("--methods", nargs="+", default=["full_precision", "ste", "stableqat", "lotion"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
     parser.add_argument("--steps", type=int, default=300)
@@ -61,7 +70,10 @@ def main() -> None:
         "--lotion", type=json.loads, default=None, help="LotionConfig overrides for lotion, JSON"
     )
     parser.add_argument(
-        "--options", type=json.loads, default=None, help="LotionConfig overrides, every method"
+        "--options",
+        type=json.loads,
+        default=None,
+        help="LotionConfig overrides, every method that takes them",
     )
     parser.add_argument("--out", default="qat_methods.jsonl")
     parser.add_argument("--summarize", nargs="+", metavar="JSONL", help="only print the tables of saved runs")
@@ -82,7 +94,9 @@ def main() -> None:
             for method in args.methods:
                 for lr in args.lrs:
                     for seed in args.seeds:
-                        overrides = (args.options or {}) | ((args.lotion or {}) if method == "lotion" else {})
+                        overrides = _accepted(method, args.options or {}) | (
+                            (args.lotion or {}) if method == "lotion" else {}
+                        )
                         result = run(
                             method,
                             bits,

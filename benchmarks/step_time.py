@@ -26,11 +26,12 @@ from hf_lotion.trainer.recipes import byte_lm_splits, tiny_llama_config
 
 VARIANTS = {
     "full precision (Trainer)": None,
-    "rtn": {"method": "rtn"},
+    "full_precision": {"method": "full_precision"},
     "ste": {"method": "ste"},
     "stableqat": {"method": "stableqat"},
-    "lotion (fisher)": {"method": "lotion"},
-    "lotion (gauss_newton, every 10)": {"method": "lotion", "curvature": "gauss_newton"},
+    "lotion (curvature every step)": {"method": "lotion", "curvature_every": 1},
+    "lotion (curvature every 4)": {"method": "lotion", "curvature_every": 4},
+    "lotion (curvature every 16)": {"method": "lotion", "curvature_every": 16},
 }
 
 
@@ -65,13 +66,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     train, _ = byte_lm_splits(seq_len=128)
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    names = ["full precision (Trainer)", *(name for name in args.variants if VARIANTS[name] is not None)]
+    times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.rounds):
-        for name, options in VARIANTS.items():
-            times[name].append(seconds_per_step(options, args.steps, args.bits, train))
+        for name in names:
+            times[name].append(seconds_per_step(VARIANTS[name], args.steps, args.bits, train))
     base = statistics.median(times["full precision (Trainer)"])
     print(f"| method ({args.bits}-bit, group 32) | s/step (median of {args.rounds}) | vs full precision |")
     print("|---|---|---|")

@@ -11,7 +11,7 @@ Sections (targets from the kernels issue in brackets):
 * `fake_quant`: fake-quant forward + backward (4 bits, group 128): StableQAT with learned scales (weight and
   LSQ scale gradients) and STE with absmax scales. Triton vs the eager reference vs `torch.compile` of the
   reference; time, effective GB/s over the minimum traffic, % of peak [>= 70% of HBM bandwidth].
-* `lotion_step`: LOTION's regulariser step with the Fisher EMA (fp32 master weights), fused vs reference.
+* `lotion_step`: LOTION's penalty gradient added to a weight gradient (fp32 master weights), fused vs reference.
 * `packed_linear`: packed int4 g128 linear vs bf16 `F.linear` at M = 1, 16, 128, 2048
   [int4 M=1 >= 2.5x faster than bf16 on 4096x14336].
 * `qat_step`: one training step (forward, backward, AdamW) of a 1B-class Llama layer stack, per method,
@@ -183,31 +183,27 @@ def bench_fake_quant(shapes, device, peaks, report: Report) -> None:
 
 
 def bench_lotion_step(shapes, device, peaks, report: Report) -> None:
-    from hf_lotion.quant.lotion import lotion_penalty_and_grad
+    from hf_lotion.quant.lotion import add_penalty_grad
 
     bits, group = 4, 128 if not SMOKE else 32
-    beta, tokens = 0.99, 4096.0
     rows = []
     for out_features, in_features in shapes:
         w = torch.randn(out_features, in_features, device=device) * 0.02
         scales = quant.absmax_scales(w, bits, group)
         grad = torch.randn_like(w) * 1e-4
-        ema = torch.rand_like(w) * 1e-6
+        curvature = torch.rand_like(w) * 1e-6
+        multiplier = torch.tensor(0.25, device=device)
 
-        def fused(w=w, scales=scales, grad=grad, ema=ema):
-            kernels.lotion_regularizer_step_(
-                w, scales, grad, ema, bits, group, 1.0, 1.0, fisher=(beta, tokens, 1.5)
-            )
+        def fused(w=w, scales=scales, grad=grad, curvature=curvature, m=multiplier):
+            kernels.add_lotion_penalty_grad(grad, w, scales, curvature, bits, group, 0.5, m)
 
-        def reference(w=w, scales=scales, grad=grad, ema=ema):
-            ema.mul_(beta).add_(grad.square().mul_(tokens), alpha=1 - beta)
-            _, reg = lotion_penalty_and_grad(w, scales, ema * 1.5, bits, group, 1.0)
-            grad.add_(reg)
+        def reference(w=w, scales=scales, grad=grad, curvature=curvature, m=multiplier):
+            add_penalty_grad(grad, w, scales, curvature, bits, group, 0.5, m)
 
         with kernels.kernel_backend("triton"):
             fused_ms = bench(fused)
         reference_ms = bench(reference)
-        minimum = 5 * w.numel() * 4  # read w, grad, ema; write grad, ema (fp32)
+        minimum = 4 * w.numel() * 4  # read w, grad, curvature; write the new grad (fp32)
         for impl, ms in (("triton fused", fused_ms), ("eager reference", reference_ms)):
             gbps, of_measured, of_nominal = _percent(minimum, ms, peaks)
             rows.append(
@@ -222,7 +218,7 @@ def bench_lotion_step(shapes, device, peaks, report: Report) -> None:
                 ]
             )
     report.table(
-        "LOTION step with Fisher EMA (fp32 master weights)",
+        "LOTION penalty gradient (fp32 master weights)",
         ["shape", "impl", "us", "GB/s", "% of copy", "% of nominal", "x vs eager"],
         rows,
     )
@@ -260,7 +256,7 @@ def bench_qat_step(device, report: Report, steps: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import hf_lotion
-    from hf_lotion import LotionConfig, LotionRegularizer
+    from hf_lotion import LotionConfig
 
     if SMOKE:
         config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -278,24 +274,19 @@ def bench_qat_step(device, report: Report, steps: int) -> None:
         "bf16": None,
         "ste": dict(method="ste"),
         "stableqat": dict(method="stableqat"),
-        "lotion (fisher)": dict(method="lotion"),
+        "lotion": dict(method="lotion"),
     }
     rows, baseline = [], None
     for name, options in variants.items():
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
-        regularizer = None
         if options is not None:
             hf_lotion.prepare(model, LotionConfig(bits=4, group_size=group, **options))
-            regularizer = LotionRegularizer(model)
-            regularizer = regularizer if regularizer.active else None
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
 
-        def train_step(model=model, optimizer=optimizer, regularizer=regularizer):
+        def train_step(model=model, optimizer=optimizer):
             model(**inputs).loss.backward()
-            if regularizer is not None:
-                regularizer.step(num_tokens=batch * (seq - 1))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -312,7 +303,7 @@ def bench_qat_step(device, report: Report, steps: int) -> None:
         ms = statistics.median(times) * 1e3
         baseline = baseline or ms
         rows.append([name, ms, ms / baseline])
-        del model, optimizer, regularizer
+        del model, optimizer
         if device.type == "cuda":
             torch.cuda.empty_cache()
     report.table(

@@ -6,15 +6,25 @@ Importing the package registers quant_method "lotion" with transformers, so that
     >>> import hf_lotion
     >>> model = AutoModelForCausalLM.from_pretrained(path, quantization_config=hf_lotion.LotionConfig(bits=4))  # doctest: +SKIP
 
-gives a model whose linear layers train quantization-aware (with `hf_lotion.LotionTrainer`, or a plain
-loop plus `hf_lotion.LotionRegularizer`), and reloading a saved one needs only `import hf_lotion` first.
+gives a model whose linear layers train quantization-aware in any training loop (`transformers.Trainer`,
+TRL, accelerate, a plain PyTorch loop, or `hf_lotion.LotionTrainer`, which adds logging and latent
+evaluation), and reloading a saved one needs only `import hf_lotion` first.
 """
 
 from .config import LotionConfig
 from .convert import convert
 from .exports import export_compressed_tensors
-from .nn import LotionLinear, PackedLinear, is_lotion_model, latent_weights, lotion_layers
-from .quant import QuantSpec, lotion_regularizer
+from .methods import Option, Penalty, QatMethod, method_names, register_method, unregister_method
+from .nn import (
+    LotionLinear,
+    PackedLinear,
+    add_lotion_penalty,
+    is_lotion_model,
+    latent_weights,
+    lotion_layers,
+    penalty_runtime,
+)
+from .quant import QuantSpec, Surrogate, lotion_regularizer
 from .quantizer import LotionHfQuantizer, prepare, register_with_transformers
 
 __version__ = "0.1.0"
@@ -22,7 +32,14 @@ __version__ = "0.1.0"
 register_with_transformers()
 
 # The trainer pulls in transformers.Trainer (and accelerate): import it only when asked for.
-_LAZY = {"LotionTrainer", "LotionRegularizer", "grid_fraction"}
+_LAZY = {"LotionTrainer", "grid_fraction"}
+_REMOVED = {
+    "LotionRegularizer": (
+        "hf_lotion.LotionRegularizer was removed: LOTION's penalty is now part of the model's loss and trains in "
+        "any loop. Delete the `regularizer.step(...)` call; for a loss computed outside the model use "
+        "`loss = hf_lotion.add_lotion_penalty(model, loss, num_tokens=...)`."
+    )
+}
 
 
 def __getattr__(name: str):
@@ -30,6 +47,8 @@ def __getattr__(name: str):
         from . import trainer
 
         return getattr(trainer, name)
+    if name in _REMOVED:
+        raise AttributeError(_REMOVED[name])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -37,11 +56,15 @@ __all__ = [
     "LotionConfig",
     "LotionHfQuantizer",
     "LotionLinear",
-    "LotionRegularizer",
     "LotionTrainer",
+    "Option",
     "PackedLinear",
+    "Penalty",
+    "QatMethod",
     "QuantSpec",
+    "Surrogate",
     "__version__",
+    "add_lotion_penalty",
     "convert",
     "export_compressed_tensors",
     "grid_fraction",
@@ -49,5 +72,9 @@ __all__ = [
     "latent_weights",
     "lotion_layers",
     "lotion_regularizer",
+    "method_names",
+    "penalty_runtime",
     "prepare",
+    "register_method",
+    "unregister_method",
 ]

@@ -55,7 +55,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     rows += [(name, _version(name)) for name in PACKAGES]
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
     rows += [("cuda", cuda), ("quant_method 'lotion' registered", str("lotion" in AUTO_QUANTIZER_MAPPING))]
-    rows += [("kernels", _kernel_summary(torch))]
+    rows += [("kernels", _kernel_summary(torch)), ("QAT methods", ", ".join(hf_lotion.method_names()))]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -2,64 +2,68 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import copy
+import logging
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .methods import (
+    QatMethod,
+    build_method,
+    canonical_method_name,
+    method_class,
+    method_names,
+    registered_methods,
+)
 from .quant.spec import (
-    CURVATURE_ESTIMATORS,
-    DEFAULT_GRID_BY_BITS,
     GRIDS,
-    METHODS,
     QuantSpec,
     invalid_value,
-    resolve_learned_scales,
-    validate_amplitudes,
     validate_bits,
     validate_choice,
     validate_group_size,
-    validate_positive_float,
-    validate_positive_int,
-    validate_unit_interval,
 )
+
+logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "lotion"
 # "latent": full-precision latent weights (+ learned scales), what training checkpoints hold.
 # "packed": integers packed into int32 words plus scales, what `hf_lotion.convert` produces.
 FORMATS = ("latent", "packed")
+# What fixes the grid a checkpoint is quantized on: these cannot change once a model is trained.
+STORAGE_FIELDS = ("bits", "group_size", "grid")
+DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 128
+# Fields of every config; a method's options come on top (see `hf_lotion.methods`).
+COMMON_FIELDS = ("quant_method", "bits", "group_size", "grid", "method", "modules_to_not_convert", "format")
 
 
-@dataclass(init=False, repr=False)
 class LotionConfig(QuantizationConfigMixin):
     """Quantization-aware training config: pass it to `from_pretrained` to get a QAT model.
 
+    Storage fields (fixed once a model is trained): `bits`, `group_size`, `grid`. Training fields: `method`
+    and the method's options, which may change when a latent checkpoint is reloaded.
+
     Args:
-        bits: integer bit width of the weights, one of 2, 3, 4, 8.
+        bits: integer bit width of the weights, one of 2, 3, 4, 8 (`None`: 4).
         group_size: input features sharing one scale; a positive divisor of every quantized layer's
-            in_features, or -1 for one scale per output row.
-        method: `"lotion"` (latent-weight training plus LOTION's rounding-noise regulariser),
-            `"stableqat"` (fake-quant forward, Fourier-surrogate backward), `"ste"` (fake-quant forward,
-            straight-through backward) or `"rtn"` (full-precision training, round-to-nearest at export).
+            in_features, or -1 for one scale per output row (`None`: 128).
+        method: a registered QAT method (`hf_lotion.methods`): `"lotion"` (latent-weight training plus
+            LOTION's rounding-noise penalty in the loss), `"stableqat"` (fake-quant forward, Fourier-surrogate
+            backward), `"ste"` (fake-quant forward, straight-through backward) or `"full_precision"` (train
+            in full precision, round to nearest at export; `"rtn"` is its old name).
         grid: absmax scale rule, `"full"` (`absmax / (2**(bits-1) - 1/2)`, all `2**bits` levels) or
-            `"restricted"` (`absmax / (2**(bits-1) - 1)`). `None` picks by measurement: full at 2-4 bits,
-            restricted at 8 bits.
-        learned_scales: learn per-group scales with LSQ's gradient (fake-quant methods only). `None` means
-            True for stableqat (as its reference code does) and False otherwise.
-        lotion_lambda: strength of LOTION's regulariser (the paper's lambda), >= 0.
-        curvature: LOTION's diagonal curvature estimate `G`: `"fisher"` (EMA of squared loss gradients,
-            no extra pass) or `"gauss_newton"` (gradients of labels sampled from the model, one extra
-            forward and backward every `curvature_every` steps). Either is scaled by the tokens per step.
-            The Fisher is the default by measurement: better at 2 bits (1.950 vs 2.025 eval loss, 3
-            seeds) and equal at 4 bits on the README's benchmark, at 1.25x instead of 1.30x fp step time.
-        curvature_beta: EMA decay of the curvature estimate, in [0, 1).
-        curvature_every: optimizer steps between Gauss-Newton estimates (ignored by `"fisher"`).
-        stableqat_amplitudes: Fourier amplitudes of StableQAT's surrogate (`[]` or `[0.0]` is STE).
+            `"restricted"` (`absmax / (2**(bits-1) - 1)`). `None` takes the method's default: full at 2-4 bits,
+            restricted at 8 bits, by measurement.
         modules_to_not_convert: module names (or prefixes, suffixes, regexes) kept in full precision.
             `None` keeps the output head (and tied weights) in full precision, as other transformers
             quantizers do; an explicit list replaces that default.
         format: what the model holds and its checkpoint stores: `"latent"` (full-precision latent weights,
             for training) or `"packed"` (packed integers and scales, set by `hf_lotion.convert`).
+        **method_options: the method's options, validated against it. `lotion`: `lotion_lambda` (1.0),
+            `curvature` ("fisher", the per-token empirical Fisher), `curvature_beta` (0.99),
+            `curvature_every` (4). `stableqat`: `stableqat_amplitudes` ([0.21]), `learned_scales` (True).
+            `ste`: `learned_scales` (False).
 
     Example:
         >>> from transformers import AutoModelForCausalLM
@@ -67,71 +71,50 @@ class LotionConfig(QuantizationConfigMixin):
         >>> model = AutoModelForCausalLM.from_pretrained("path/to/model", quantization_config=config)  # doctest: +SKIP
     """
 
-    bits: int = 4
-    group_size: int = 128
-    method: str = "lotion"
-    grid: str | None = None
-    learned_scales: bool | None = None
-    lotion_lambda: float = 1.0
-    curvature: str = "fisher"
-    curvature_beta: float = 0.99
-    curvature_every: int = 10
-    stableqat_amplitudes: list[float] | None = None
-    modules_to_not_convert: list[str] | None = None
-    format: str = "latent"
-    quant_method: str = QUANT_METHOD
-
     def __init__(
         self,
-        bits: int = 4,
-        group_size: int = 128,
+        bits: int | None = None,
+        group_size: int | None = None,
         method: str = "lotion",
         grid: str | None = None,
-        learned_scales: bool | None = None,
-        lotion_lambda: float = 1.0,
-        curvature: str = "fisher",
-        curvature_beta: float = 0.99,
-        curvature_every: int = 10,
-        stableqat_amplitudes: list[float] | None = None,
         modules_to_not_convert: list[str] | None = None,
         format: str = "latent",
         **kwargs: Any,
     ) -> None:
-        # `from_dict` passes the saved `quant_method` back in; anything else unknown is a user error.
+        # `from_dict` passes the saved `quant_method` back in; anything else must be an option of the method.
         quant_method = kwargs.pop("quant_method", QUANT_METHOD)
         if quant_method != QUANT_METHOD:
             invalid_value("LotionConfig", "quant_method", quant_method, f"{QUANT_METHOD!r}")
-        if kwargs:
-            allowed = sorted(f.name for f in fields(self))
-            raise ValueError(f"LotionConfig got unknown keys {sorted(kwargs)}; allowed keys: {allowed}.")
         self.quant_method = QUANT_METHOD
-        self.bits = bits
-        self.group_size = group_size
-        self.method = method
+        # Storage fields the caller chose; at reload the others come from the checkpoint.
+        self._given = frozenset(
+            name
+            for name, value in (("bits", bits), ("group_size", group_size), ("grid", grid))
+            if value is not None
+        )
+        self.bits = DEFAULT_BITS if bits is None else bits
+        self.group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+        self.method = canonical_method_name(method)
         self.grid = grid
-        self.learned_scales = learned_scales
-        self.lotion_lambda = lotion_lambda
-        self.curvature = curvature
-        self.curvature_beta = curvature_beta
-        self.curvature_every = curvature_every
-        self.stableqat_amplitudes = [0.21] if stableqat_amplitudes is None else stableqat_amplitudes
         self.modules_to_not_convert = modules_to_not_convert
         self.format = format
+        options = method_class(self.method).option_names()
+        _refuse_unknown_keys(self.method, kwargs, options)
+        for name in options:
+            setattr(self, name, kwargs.get(name))
         self.post_init()
 
     def post_init(self) -> None:
         """Validate every field (raising `ValueError` that names it) and resolve the `None` defaults."""
         validate_bits(self.bits)
         validate_group_size(self.group_size)
-        validate_choice("method", self.method, METHODS)
+        self.method = canonical_method_name(self.method)
+        method = self.build_method()
+        for name, value in method.option_values().items():
+            setattr(self, name, value)
         if self.grid is None:
-            self.grid = DEFAULT_GRID_BY_BITS[self.bits]
+            self.grid = method.default_grid(self.bits)
         validate_choice("grid", self.grid, GRIDS)
-        self.lotion_lambda = validate_positive_float("lotion_lambda", self.lotion_lambda)
-        validate_choice("curvature", self.curvature, CURVATURE_ESTIMATORS)
-        self.curvature_beta = validate_unit_interval("curvature_beta", self.curvature_beta)
-        self.curvature_every = validate_positive_int("curvature_every", self.curvature_every)
-        self.stableqat_amplitudes = list(validate_amplitudes(self.stableqat_amplitudes))
         if self.modules_to_not_convert is not None and (
             isinstance(self.modules_to_not_convert, str)
             or not all(isinstance(m, str) for m in self.modules_to_not_convert)
@@ -145,21 +128,133 @@ class LotionConfig(QuantizationConfigMixin):
         if self.modules_to_not_convert is not None:
             self.modules_to_not_convert = list(self.modules_to_not_convert)
         validate_choice("format", self.format, FORMATS)
-        self.learned_scales = resolve_learned_scales(self.method, self.learned_scales)
+
+    # -- what the config describes -------------------------------------------------------------------------
 
     def to_spec(self) -> QuantSpec:
-        """The per-layer quantization spec this config describes (raises `ValueError` if inconsistent)."""
-        return QuantSpec(
+        """The storage spec (bits, group size, grid) of every quantized layer."""
+        return QuantSpec(bits=self.bits, group_size=self.group_size, grid=self.grid)
+
+    def build_method(self) -> QatMethod:
+        """The QAT method with this config's options (validated)."""
+        cls = method_class(self.method)
+        return build_method(self.method, **{name: getattr(self, name, None) for name in cls.option_names()})
+
+    def method_options(self) -> dict[str, Any]:
+        """The method's options as stored in config.json."""
+        return {name: getattr(self, name) for name in method_class(self.method).option_names()}
+
+    def packed(self) -> LotionConfig:
+        """A copy describing the converted (packed) model: storage fields and the method's name."""
+        return LotionConfig(
             bits=self.bits,
             group_size=self.group_size,
             method=self.method,
             grid=self.grid,
-            learned_scales=self.learned_scales,
-            stableqat_amplitudes=tuple(self.stableqat_amplitudes),
+            modules_to_not_convert=copy.copy(self.modules_to_not_convert),
+            format="packed",
         )
 
+    def merged_for_reload(self, requested: LotionConfig) -> LotionConfig:
+        """This (saved) config with the training fields of `requested`, passed to `from_pretrained`.
+
+        Storage fields that `requested` sets must agree (a `ValueError` names both values); those it leaves
+        at their defaults come from the checkpoint. `requested` is not modified.
+        """
+        for name in STORAGE_FIELDS:
+            asked, saved = getattr(requested, name), getattr(self, name)
+            if name in requested._given and asked != saved:
+                raise ValueError(
+                    f"LotionConfig.{name}={asked!r} does not match the checkpoint's {name}={saved!r}; allowed: "
+                    f"{saved!r}. bits, group_size and grid fix the grid the checkpoint was quantized on, so they "
+                    "cannot change at reload (method and its options can)."
+                )
+        modules = requested.modules_to_not_convert
+        if self.format == "packed":
+            if modules is not None and modules != self.modules_to_not_convert:
+                raise ValueError(
+                    f"LotionConfig.modules_to_not_convert={modules!r} does not match the packed checkpoint's "
+                    f"{self.modules_to_not_convert!r}; allowed: the checkpoint's value (its layers are packed)."
+                )
+            return copy.deepcopy(self)
+        return LotionConfig(
+            bits=self.bits,
+            group_size=self.group_size,
+            method=requested.method,
+            grid=self.grid,
+            modules_to_not_convert=copy.copy(modules if modules is not None else self.modules_to_not_convert),
+            format=self.format,
+            **copy.deepcopy(requested.method_options()),
+        )
+
+    # -- serialization ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Build from config.json, reading what earlier versions wrote (options of every method, `"rtn"`)."""
+        return super().from_dict(_upgrade_saved(dict(config_dict)), return_unused_kwargs, **kwargs)
+
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        data = {name: copy.deepcopy(getattr(self, name)) for name in COMMON_FIELDS}
+        if self.format == "latent":
+            data.update(copy.deepcopy(self.method_options()))
+        return data
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LotionConfig) and other.to_dict() == self.to_dict()
+
+    __hash__ = None  # mutable
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
+
+
+def _refuse_unknown_keys(method: str, kwargs: dict[str, Any], options: tuple[str, ...]) -> None:
+    unknown = sorted(set(kwargs) - set(options))
+    if not unknown:
+        return
+    owners = {name: cls.name for cls in registered_methods().values() for name in cls.option_names()}
+    for key in unknown:
+        if key in owners:
+            invalid_value(
+                "LotionConfig",
+                key,
+                kwargs[key],
+                f"an option of method={owners[key]!r}, not of method={method!r}, whose options are "
+                f"{list(options) or 'none'}",
+            )
+    allowed = sorted({*COMMON_FIELDS, *options})
+    raise ValueError(
+        f"LotionConfig got unknown keys {unknown}; allowed keys for method={method!r}: {allowed} "
+        f"(methods: {list(method_names())})."
+    )
+
+
+def _upgrade_saved(data: dict[str, Any]) -> dict[str, Any]:
+    """Saved configs up to 0.1 stored every method's options and called `full_precision` "rtn"."""
+    method = data.get("method", "lotion")
+    if method not in method_names() and isinstance(method, str):
+        try:
+            method = canonical_method_name(method)
+        except ValueError:
+            return data  # the constructor reports the unknown method
+        data["method"] = method
+    if method not in method_names():
+        return data
+    own = set(method_class(method).option_names())
+    foreign = {name for cls in registered_methods().values() for name in cls.option_names()} - own
+    if foreign & set(data) and method == "lotion" and data.get("curvature") == "fisher":
+        # Up to 0.1, `curvature_every` applied to the Gauss-Newton estimate only; the Fisher was every step.
+        data.pop("curvature_every", None)
+    for key in foreign & set(data):
+        data.pop(key)
+    if data.get("curvature") == "gauss_newton":
+        logger.warning(
+            "This checkpoint was trained with curvature='gauss_newton', which hf-lotion no longer offers; "
+            "LOTION continues with the per-token empirical Fisher (curvature='fisher')."
+        )
+        data["curvature"] = "fisher"
+    return data

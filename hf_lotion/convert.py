@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import LotionConfig
 from .nn.packed_linear import PackedLinear
+from .nn.penalty import remove_penalty
 from .nn.replace import lotion_layers
 
 logger = logging.getLogger(__name__)
@@ -18,7 +19,8 @@ def convert(model: nn.Module) -> nn.Module:
 
     Each layer keeps exactly the weights its eval mode used (round-to-nearest with the current scales),
     so the converted model's outputs are bit-identical to the eval-mode QAT model. For a transformers
-    model, `config.quantization_config.format` becomes "packed", so `save_pretrained` writes packed
+    model, `config.quantization_config` becomes a new packed config (storage fields and the method's name;
+    the config object the model was quantized with is left as it was), so `save_pretrained` writes packed
     safetensors and `from_pretrained` (after `import hf_lotion`) rebuilds packed layers directly.
 
     Example:
@@ -36,8 +38,14 @@ def convert(model: nn.Module) -> nn.Module:
         )
     for name, layer in layers:
         model.set_submodule(name, PackedLinear.from_qat(layer))
-    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    remove_penalty(model)
+    model_config = getattr(model, "config", None)
+    config = getattr(model_config, "quantization_config", None)
     if isinstance(config, LotionConfig):
-        config.format = "packed"
+        packed = config.packed()
+        model_config.quantization_config = packed
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.quantization_config = packed
     logger.info("Packed %d layers.", len(layers))
     return model

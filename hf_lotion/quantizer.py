@@ -9,11 +9,17 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    AutoHfQuantizer,
+)
 
 from .checkpoint import FORMAT_VERSION, METADATA_FORMAT_KEY, METADATA_VERSION_KEY, check_packed_checkpoint
 from .config import QUANT_METHOD, LotionConfig
+from .loss import anchor_model_loss
 from .nn.packed_linear import PackedLinear
+from .nn.penalty import PenaltyRuntime, install_penalty
 from .nn.qat_linear import LotionLinear
 from .nn.replace import check_layers, lotion_layers, quantizable_linears, replace_linear_layers
 
@@ -48,8 +54,9 @@ class LotionHfQuantizer(HfQuantizer):
         if config.format == "packed":
             self._build_packed_layers(model, checkpoint_files or [])
             return
-        replace_linear_layers(model, config.to_spec(), self.modules_to_not_convert)
-        if config.learned_scales and not self.pre_quantized:
+        method = config.build_method()
+        replace_linear_layers(model, config.to_spec(), method, self.modules_to_not_convert)
+        if method.learned_scales and not self.pre_quantized:
             # A float checkpoint has no scales: they are derived from the loaded weights, not "missing".
             ignored = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
             model._keys_to_ignore_on_load_missing = ignored | {r"\.weight_scale$"}
@@ -82,6 +89,7 @@ class LotionHfQuantizer(HfQuantizer):
                 )
             if not (self.pre_quantized and loaded):
                 layer.reset_scales()
+        install_lotion_penalty(model, self.quantization_config)
         return model
 
     def get_state_dict_and_metadata(self, model: PreTrainedModel) -> tuple[None, dict[str, str]]:
@@ -128,6 +136,31 @@ class LotionHfQuantizer(HfQuantizer):
         return self.quantization_config.format == "latent"
 
 
+def install_lotion_penalty(model: nn.Module, config: LotionConfig) -> PenaltyRuntime | None:
+    """Wire the method's penalty (LOTION's) into `model`'s loss, or remove it for methods without one."""
+    layers = lotion_layers(model)
+    penalty = config.build_method().penalty() if layers else None
+    return install_penalty(model, penalty, layers, anchor_model_loss)
+
+
+def _merge_quantization_configs(original):
+    """Wrap `AutoHfQuantizer.merge_quantization_configs`: a LotionConfig passed to `from_pretrained` for a
+    checkpoint saved by hf_lotion changes the training fields (method and options) and must agree on the
+    storage fields; transformers would otherwise ignore it with a warning. Other configs go to `original`.
+    """
+
+    def merge(cls, quantization_config, quantization_config_from_args):
+        saved = quantization_config
+        if isinstance(saved, dict) and saved.get("quant_method") == QUANT_METHOD:
+            saved = LotionConfig.from_dict(saved)
+        if isinstance(saved, LotionConfig) and isinstance(quantization_config_from_args, LotionConfig):
+            return saved.merged_for_reload(quantization_config_from_args)
+        return original.__func__(cls, quantization_config, quantization_config_from_args)
+
+    merge.hf_lotion_original = original
+    return classmethod(merge)
+
+
 def register_with_transformers() -> None:
     """Register "lotion" with transformers' auto-quantization maps (idempotent)."""
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not LotionConfig:
@@ -136,6 +169,9 @@ def register_with_transformers() -> None:
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not LotionHfQuantizer:
         AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
         register_quantizer(QUANT_METHOD)(LotionHfQuantizer)
+    current = AutoHfQuantizer.__dict__["merge_quantization_configs"]
+    if not hasattr(current.__func__, "hf_lotion_original"):
+        AutoHfQuantizer.merge_quantization_configs = _merge_quantization_configs(current)
 
 
 def prepare(model: nn.Module, config: LotionConfig | None = None) -> nn.Module:
@@ -144,7 +180,9 @@ def prepare(model: nn.Module, config: LotionConfig | None = None) -> nn.Module:
     Does what `from_pretrained(..., quantization_config=config)` does, for a model you built or loaded
     yourself: every input is validated (group sizes, finite weights) before any module is swapped. For a
     transformers `PreTrainedModel` the quantizer is attached, so `save_pretrained`, `Trainer` and reloading
-    behave exactly as after `from_pretrained`. Plain `nn.Module`s work too (no default exclusions).
+    behave exactly as after `from_pretrained`. Plain `nn.Module`s work too (no default exclusions; every
+    option applies; a loss computed outside the model gets LOTION's penalty through
+    `hf_lotion.add_lotion_penalty`).
 
     Example:
         >>> from transformers import AutoModelForCausalLM, LlamaConfig
@@ -163,7 +201,8 @@ def prepare(model: nn.Module, config: LotionConfig | None = None) -> nn.Module:
             "hf_lotion.convert(model)."
         )
     if not isinstance(model, PreTrainedModel):
-        replace_linear_layers(model, config.to_spec(), config.modules_to_not_convert)
+        replace_linear_layers(model, config.to_spec(), config.build_method(), config.modules_to_not_convert)
+        install_lotion_penalty(model, config)
         return model
     if getattr(model, "hf_quantizer", None) is not None:
         raise ValueError(

@@ -1,6 +1,7 @@
-"""Run by test_distributed.py under `torchrun --nproc_per_node 2`: a few LotionTrainer steps on CPU/gloo.
+"""Run by test_distributed.py under `torchrun --nproc_per_node 2`: one LOTION step with plain `transformers.Trainer`.
 
-Each rank writes its final weights and curvature state to `<out>/rank<r>.safetensors`.
+Each rank writes its weights after the step, its curvature state and the batches it trained on to
+`<out>/rank<r>.safetensors`.
 """
 
 from __future__ import annotations
@@ -12,45 +13,35 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 import hf_lotion
-from hf_lotion.trainer import LotionTrainer
-from hf_lotion.trainer.recipes import CausalLMBlocks
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import VOCAB, tiny_config
+from lotion_paths import record_batches, training_kwargs
+from test_lotion_in_graph import lotion_model, token_ids
+
+from hf_lotion.trainer.recipes import CausalLMBlocks
 
 
-def main(out: str, curvature: str) -> None:
+def main(out: str) -> None:
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
-    config = hf_lotion.LotionConfig(
-        bits=2, group_size=32, method="lotion", curvature=curvature, curvature_every=2
-    )
-    hf_lotion.prepare(model, config)
-    data = CausalLMBlocks(torch.randint(0, VOCAB, (64, 16), generator=torch.Generator().manual_seed(0)))
+    model = lotion_model()
+    seen, _ = record_batches(model)
+    # 2 ranks x 2 micro-batches x 4 = the 16 examples of one step
     args = TrainingArguments(
-        out,
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        ddp_backend="gloo",
-        disable_tqdm=True,
-        seed=0,
+        **(training_kwargs(out) | {"gradient_accumulation_steps": 2, "ddp_backend": "gloo"})
     )
-    trainer = LotionTrainer(model=model, args=args, train_dataset=data)
+    trainer = Trainer(model=model, args=args, train_dataset=CausalLMBlocks(token_ids()))
     assert trainer.args.world_size == 2, trainer.args.world_size
     trainer.train()
     tensors = {f"param.{n}": p.detach().contiguous() for n, p in model.named_parameters()}
-    state = trainer.lotion_regularizer.state_dict()
-    tensors |= {f"curvature.{n}": t.contiguous() for n, t in state["curvature"]["ema"].items()}
+    runtime = hf_lotion.penalty_runtime(model)
+    tensors |= {f"curvature.{n}": t.contiguous() for n, t in runtime.ema.items()}
+    tensors |= {f"batch{i}.input_ids": b["input_ids"].contiguous() for i, b in enumerate(seen)}
+    tensors |= {f"batch{i}.labels": b["labels"].contiguous() for i, b in enumerate(seen)}
     save_file(tensors, os.path.join(out, f"rank{trainer.args.process_index}.safetensors"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1])

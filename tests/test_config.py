@@ -13,8 +13,22 @@ def test_defaults_resolved_by_bits_and_method():
     assert LotionConfig().grid == "full" and LotionConfig(bits=8).grid == "restricted"
     assert LotionConfig(method="stableqat").learned_scales is True
     assert LotionConfig(method="ste").learned_scales is False
-    assert LotionConfig().stableqat_amplitudes == [0.21] and LotionConfig().lotion_lambda == 1.0
-    assert LotionConfig().modules_to_not_convert is None and LotionConfig().format == "latent"
+    assert LotionConfig(method="stableqat").stableqat_amplitudes == [0.21]
+    lotion = LotionConfig()
+    assert (lotion.lotion_lambda, lotion.curvature, lotion.curvature_beta) == (1.0, "fisher", 0.99)
+    assert lotion.modules_to_not_convert is None and lotion.format == "latent"
+    assert not hasattr(lotion, "stableqat_amplitudes") and not hasattr(lotion, "learned_scales")
+
+
+def test_options_are_the_methods_own():
+    assert LotionConfig(method="ste").method_options() == {"learned_scales": False}
+    assert set(LotionConfig().method_options()) == {
+        "lotion_lambda",
+        "curvature",
+        "curvature_beta",
+        "curvature_every",
+    }
+    assert LotionConfig(method="full_precision").method_options() == {}
 
 
 def test_round_trip_through_dict_and_json():
@@ -26,16 +40,75 @@ def test_round_trip_through_dict_and_json():
         modules_to_not_convert=["lm_head", "model.layers.0"],
     )
     data = json.loads(json.dumps(config.to_dict()))
-    assert data["quant_method"] == "lotion"
+    assert data["quant_method"] == "lotion" and data["stableqat_amplitudes"] == [0.1, 0.05]
+    assert "lotion_lambda" not in data
     again = LotionConfig.from_dict(data)
     assert again == config and again.to_dict() == config.to_dict()
     assert "LotionConfig" in repr(config) and '"bits": 3' in str(config)
 
 
-def test_to_spec():
+def test_packed_config_holds_storage_fields_and_method_name_only():
+    config = LotionConfig(bits=3, group_size=32, lotion_lambda=4.0, curvature_every=2)
+    packed = config.packed()
+    assert packed.to_dict() == {
+        "quant_method": "lotion",
+        "bits": 3,
+        "group_size": 32,
+        "grid": "full",
+        "method": "lotion",
+        "modules_to_not_convert": None,
+        "format": "packed",
+    }
+    assert config.format == "latent" and config.lotion_lambda == 4.0  # the original is left alone
+    assert LotionConfig.from_dict(json.loads(json.dumps(packed.to_dict()))) == packed
+
+
+def test_to_spec_is_the_storage_spec():
     spec = LotionConfig(bits=2, group_size=-1, method="ste").to_spec()
-    assert spec == QuantSpec(bits=2, group_size=-1, method="ste", grid="full", learned_scales=False)
+    assert spec == QuantSpec(bits=2, group_size=-1, grid="full")
     assert (spec.qmin, spec.qmax) == (-2, 1)
+
+
+def test_old_configs_still_load():
+    """config.json of 0.1 held every method's options and called the baseline "rtn"."""
+    old = {
+        "quant_method": "lotion", "bits": 4, "group_size": 32, "method": "rtn", "grid": "full",
+        "learned_scales": False, "lotion_lambda": 1.0, "curvature": "fisher", "curvature_beta": 0.99,
+        "curvature_every": 10, "stableqat_amplitudes": [0.21], "modules_to_not_convert": None, "format": "latent",
+    }  # fmt: skip
+    config = LotionConfig.from_dict(old)
+    assert config.method == "full_precision" and config.method_options() == {}
+    lotion = LotionConfig.from_dict(old | {"method": "lotion", "curvature": "gauss_newton"})
+    assert lotion.curvature == "fisher" and lotion.curvature_every == 10
+    assert not hasattr(lotion, "stableqat_amplitudes")
+    # Up to 0.1, curvature_every applied to the Gauss-Newton estimate only: a Fisher config gets today's default.
+    assert (
+        LotionConfig.from_dict(old | {"method": "lotion"}).curvature_every == LotionConfig().curvature_every
+    )
+    stableqat = LotionConfig.from_dict(old | {"method": "stableqat", "learned_scales": True})
+    assert stableqat.learned_scales is True and stableqat.stableqat_amplitudes == [0.21]
+    assert LotionConfig(method="rtn").method == "full_precision"  # the old spelling, in code too
+
+
+def test_reload_merge_takes_training_fields_and_refuses_storage_changes():
+    saved = LotionConfig(bits=4, group_size=32, lotion_lambda=1.0)
+    requested = LotionConfig(bits=4, group_size=32, lotion_lambda=4.0, curvature_every=3)
+    merged = saved.merged_for_reload(requested)
+    assert (merged.lotion_lambda, merged.curvature_every, merged.format) == (4.0, 3, "latent")
+    assert (
+        merged is not requested
+        and requested.to_dict()
+        == LotionConfig(bits=4, group_size=32, lotion_lambda=4.0, curvature_every=3).to_dict()
+    )
+    switched = saved.merged_for_reload(LotionConfig(bits=4, group_size=32, method="stableqat"))
+    assert switched.method == "stableqat" and switched.learned_scales is True
+    for field, value, saved_value in [("bits", 3, 4), ("group_size", 16, 32), ("grid", "restricted", "full")]:
+        kwargs = {"bits": 4, "group_size": 32} | {field: value}
+        with pytest.raises(
+            ValueError,
+            match=rf"LotionConfig\.{field}={value!r} does not match the checkpoint's {field}={saved_value!r}",
+        ):
+            saved.merged_for_reload(LotionConfig(**kwargs))
 
 
 @pytest.mark.parametrize(
@@ -52,15 +125,27 @@ def test_to_spec():
         ({"group_size": 12.0}, r"LotionConfig\.group_size=12\.0"),
         (
             {"method": "gptq"},
-            r"LotionConfig\.method='gptq' is not supported; allowed: one of \('lotion', 'stableqat', 'ste', 'rtn'\)",
+            r"LotionConfig\.method='gptq' is not supported; allowed: one of \('full_precision', 'lotion', "
+            r"'stableqat', 'ste'\) \(register another with hf_lotion\.register_method\)",
         ),
         (
             {"grid": "asym"},
             r"LotionConfig\.grid='asym' is not supported; allowed: one of \('full', 'restricted'\)",
         ),
-        ({"learned_scales": True}, r"LotionConfig\.learned_scales=True .* method='lotion'"),
-        ({"method": "rtn", "learned_scales": True}, r"LotionConfig\.learned_scales=True .* method='rtn'"),
-        ({"learned_scales": "yes"}, r"LotionConfig\.learned_scales='yes'"),
+        (
+            {"learned_scales": True},
+            r"LotionConfig\.learned_scales=True is not supported; allowed: an option of method='\w+', not of "
+            r"method='lotion', whose options are \['lotion_lambda', 'curvature', 'curvature_beta', 'curvature_every'\]",
+        ),
+        (
+            {"method": "rtn", "learned_scales": True},
+            r"LotionConfig\.learned_scales=True .* not of method='full_precision', whose options are none",
+        ),
+        ({"method": "ste", "learned_scales": "yes"}, r"LotionConfig\.learned_scales='yes' .* True or False"),
+        (
+            {"method": "ste", "lotion_lambda": 2.0},
+            r"LotionConfig\.lotion_lambda=2\.0 .* an option of method='lotion', not of method='ste'",
+        ),
         (
             {"lotion_lambda": -1.0},
             r"LotionConfig\.lotion_lambda=-1\.0 is not supported; allowed: a finite number >= 0",
@@ -68,7 +153,7 @@ def test_to_spec():
         ({"lotion_lambda": float("nan")}, r"LotionConfig\.lotion_lambda=nan"),
         (
             {"curvature": "adam"},
-            r"LotionConfig\.curvature='adam' is not supported; allowed: one of \('fisher', 'gauss_newton'\)",
+            r"LotionConfig\.curvature='adam' is not supported; allowed: one of \('fisher',\)",
         ),
         (
             {"curvature_beta": 1.0},
@@ -81,11 +166,14 @@ def test_to_spec():
         ),
         ({"curvature_every": 2.5}, r"LotionConfig\.curvature_every=2\.5"),
         (
-            {"stableqat_amplitudes": [0.3]},
+            {"method": "stableqat", "stableqat_amplitudes": [0.3]},
             r"LotionConfig\.stableqat_amplitudes=\[0\.3\] .* sum\(\|a_k\|\) < 1/\(sqrt\(2\)\*pi\)",
         ),
-        ({"stableqat_amplitudes": 0.21}, r"LotionConfig\.stableqat_amplitudes=0\.21"),
-        ({"stableqat_amplitudes": ["a"]}, r"LotionConfig\.stableqat_amplitudes=\['a'\]"),
+        ({"method": "stableqat", "stableqat_amplitudes": 0.21}, r"LotionConfig\.stableqat_amplitudes=0\.21"),
+        (
+            {"method": "stableqat", "stableqat_amplitudes": ["a"]},
+            r"LotionConfig\.stableqat_amplitudes=\['a'\]",
+        ),
         (
             {"modules_to_not_convert": "lm_head"},
             r"LotionConfig\.modules_to_not_convert='lm_head' .* a list of strings",
@@ -95,7 +183,10 @@ def test_to_spec():
             r"LotionConfig\.format='gguf' is not supported; allowed: one of \('latent', 'packed'\)",
         ),
         ({"quant_method": "awq"}, r"LotionConfig\.quant_method='awq' is not supported; allowed: 'lotion'"),
-        ({"bitz": 4}, r"LotionConfig got unknown keys \['bitz'\]; allowed keys: \[.*'bits'.*\]"),
+        (
+            {"bitz": 4},
+            r"LotionConfig got unknown keys \['bitz'\]; allowed keys for method='lotion': \[.*'bits'.*'lotion_lambda'.*\]",
+        ),
     ],
     ids=lambda x: x if isinstance(x, str) and len(x) < 1 else None,
 )
@@ -112,5 +203,5 @@ def test_unknown_key_in_saved_config_is_refused():
 
 def test_zero_amplitude_is_allowed_and_is_ste():
     config = LotionConfig(method="stableqat", stableqat_amplitudes=[0.0])
-    assert config.to_spec().surrogate_amplitudes == (0.0,)
-    assert LotionConfig(method="ste").to_spec().surrogate_amplitudes == ()
+    assert config.build_method().surrogate().kernel_amplitudes == (0.0,)
+    assert LotionConfig(method="ste").build_method().surrogate().kernel_amplitudes == ()

@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun, gloo) train with LOTION and must end with identical weights."""
+"""Two CPU processes (torchrun, gloo) train LOTION with plain `transformers.Trainer`: one step equals the
+reference LOTION gradient over both ranks' batches, and both ranks end with identical weights and curvature."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import sys
 
 import pytest
 import torch
+from lotion_reference import reference_gradients
 from safetensors.torch import load_file
+from test_lotion_in_graph import LAMBDA, latent, lotion_model, relative_error
+
+import hf_lotion
 
 WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
 
@@ -21,18 +26,30 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("curvature", ["fisher", "gauss_newton"])
-def test_two_ranks_end_with_identical_weights_and_curvature(tmp_path, curvature):
+def test_ddp_step_is_the_reference_lotion_step_over_both_ranks(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        WORKER, str(tmp_path), curvature,
+        WORKER, str(tmp_path),
     ]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
-    assert rank0.keys() == rank1.keys()
-    assert any(k.startswith("curvature.") for k in rank0)
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), key
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    state = {k for k in ranks[0] if not k.startswith("batch")}
+    assert any(k.startswith("curvature.") for k in state)
+    for key in state:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    batches = [
+        {"input_ids": rank[f"batch{i}.input_ids"], "labels": rank[f"batch{i}.labels"]}
+        for rank in ranks
+        for i in range(2)
+    ]
+    assert sum(b["input_ids"].shape[0] for b in batches) == 16
+    _, curvature, expected = reference_gradients(lotion_model(), batches, LAMBDA)
+    before = latent(lotion_model())
+    for name, _ in hf_lotion.lotion_layers(lotion_model()):
+        update = before[name] - ranks[0][f"param.{name}.weight"]
+        assert relative_error(update, expected[name]) < 1e-4, name
+        # The curvature of the step, all-reduced over both ranks: EMA (1 - beta) * G.
+        assert relative_error(ranks[0][f"curvature.{name}"] / (1 - 0.99), curvature[name]) < 1e-4, name

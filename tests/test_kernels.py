@@ -16,7 +16,7 @@ from hf_lotion import kernels, quant
 from hf_lotion.kernels import dispatch
 from hf_lotion.nn import LotionLinear, PackedLinear
 from hf_lotion.quant import QuantSpec
-from hf_lotion.quant.lotion import lotion_penalty_and_grad
+from hf_lotion.quant.lotion import add_penalty_grad
 
 pytest.importorskip("triton")
 
@@ -119,7 +119,7 @@ def test_fake_quantize_reference_row(device):
     """DESIGN's StableQAT row check, through the kernel."""
     w = torch.tensor([[0.4, -0.15, 0.0625, 0.6, -0.55]], device=device, requires_grad=True)
     s = torch.tensor([[0.25]], device=device, requires_grad=True)
-    out = kernels.fake_quantize(w, s, bits=3, group_size=-1, amplitudes=(0.21,))
+    out = kernels.fake_quantize(w, s, bits=3, group_size=-1, surrogate=(0.21,))
     out.backward(torch.tensor([[0.5, -1.0, 1.0, 0.1, -0.3]], device=device))
     assert out.tolist() == [[0.5, -0.25, 0.0, 0.5, -0.5]]
     expected = [0.2762079655, -0.5524159310, 0.2050120375, 0.0552415931, -0.0419159482]
@@ -145,43 +145,67 @@ def test_fake_quantize_detached_scales_and_frozen_weight(device, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("bits", "group_size", "in_features"), LAYOUTS)
 @pytest.mark.parametrize(
-    "grad_scale", [pytest.param(1.0, id="unscaled"), pytest.param(1024.0, id="fp16-scaled")]
+    "multiplier", [pytest.param(0.25, id="accumulated"), pytest.param(65536.0 / 3, id="fp16-scaled")]
 )
-def test_lotion_step_fisher_matches_reference(device, dtype, bits, group_size, in_features, grad_scale):
+def test_lotion_penalty_grad_matches_reference(device, dtype, bits, group_size, in_features, multiplier):
     w = _weight(in_features, dtype, device, seed=3)
     scales = quant.absmax_scales(w, bits, group_size)
     generator = torch.Generator().manual_seed(4)
-    grad = (torch.randn(w.shape, generator=generator) * 1e-3 * grad_scale).to(device=device, dtype=dtype)
-    ema = (torch.rand(w.shape, generator=generator) * 1e-2).to(device)
-    beta, tokens, correction, strength = 0.9, 512.0, 1.0 / (1.0 - 0.9**3), 2.0
+    grad = (torch.randn(w.shape, generator=generator) * 1e-3 * multiplier).to(device=device, dtype=dtype)
+    curvature = (torch.rand(w.shape, generator=generator) * 1e-2).to(device)
+    m = torch.tensor(multiplier, device=device)
+    coefficient = 0.5 * 2.0 / (1.0 - 0.9**3)
 
-    ref_ema = ema.clone().mul_(beta).add_(grad.float().square() * (tokens / grad_scale**2), alpha=1 - beta)
-    ref_value, ref_reg = lotion_penalty_and_grad(w, scales, ref_ema * correction, bits, group_size, strength)
-    ref_grad = grad.clone().add_(ref_reg * grad_scale)
-
-    got_grad, got_ema = grad.clone(), ema.clone()
-    value = kernels.lotion_regularizer_step_(
-        w, scales, got_grad, got_ema, bits, group_size, strength, grad_scale,
-        fisher=(beta, tokens / grad_scale**2, correction),
-    )  # fmt: skip
-    torch.testing.assert_close(got_ema, ref_ema, atol=1e-9, rtol=1e-5)
+    ref_grad, ref_value = add_penalty_grad(grad, w, scales, curvature, bits, group_size, coefficient, m)
+    got_grad, value = kernels.add_lotion_penalty_grad(
+        grad, w, scales, curvature, bits, group_size, coefficient, m
+    )
+    assert got_grad.dtype == dtype and got_grad.shape == w.shape
     _assert_close(got_grad, ref_grad, GRAD_TOL[dtype])
     assert value.item() == pytest.approx(ref_value.item(), rel=1e-4, abs=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
-def test_lotion_step_given_curvature_and_reference_values(device):
-    """Without the EMA, G is read as given; DESIGN's value: s=0.1, w=0.23 -> p=0.3, slope 0.04."""
+def test_lotion_penalty_grad_reference_values(device):
+    """DESIGN's value: s=0.1, w=0.23 -> p=0.3, (1/2) G s (1 - 2p) = 0.04 for G = 2; zero on the grid."""
     w = torch.tensor([[0.23, 0.3, -0.05]], device=device)
     scales = torch.tensor([[0.1]], device=device)
-    grad = torch.zeros_like(w)
+    grad = torch.tensor([[1.0, 1.0, 1.0]], device=device)
     curvature = torch.full_like(w, 2.0)
-    value = kernels.lotion_regularizer_step_(w, scales, grad, curvature, 4, -1, strength=1.0)
-    # (1/2) * G * s * (1 - 2p): 0.04 for p = 0.3; zero on the grid point 0.3; p = 0.5 for -0.05 -> 0.
-    torch.testing.assert_close(grad.cpu(), torch.tensor([[0.04, 0.0, 0.0]]), atol=1e-7, rtol=0)
+    out, value = kernels.add_lotion_penalty_grad(
+        grad, w, scales, curvature, 4, -1, 0.5, torch.tensor(3.0, device=device)
+    )
+    # multiplier 3: 1 + 3 * 0.04 for p = 0.3; the grid point 0.3 and p = 0.5 at -0.05 add nothing.
+    torch.testing.assert_close(out.cpu(), torch.tensor([[1.12, 1.0, 1.0]]), atol=1e-6, rtol=0)
     # (1/2) * sum G s^2 p (1 - p) = 0.0021 + 0 + 0.0025
     assert value.item() == pytest.approx(0.0046, abs=1e-8)
-    assert torch.equal(curvature, torch.full_like(w, 2.0))  # not an EMA: left untouched
+    assert torch.equal(grad, torch.ones_like(grad))  # not modified in place
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_lotion_penalty_grad_rounds_once_in_low_precision(device):
+    """The addition happens in fp32 and is rounded to bf16 once (no intermediate bf16 rounding)."""
+    w = torch.tensor([[0.23, 0.37, -0.11, 0.05]], device=device, dtype=torch.bfloat16)
+    scales = torch.tensor([[0.1]], device=device, dtype=torch.bfloat16)
+    grad = torch.tensor([[1.0, -1.0, 0.5, 2.0]], device=device, dtype=torch.bfloat16)
+    curvature = torch.full(w.shape, 0.0123, device=device)
+    m = torch.tensor(0.37, device=device)
+    out, _ = kernels.add_lotion_penalty_grad(grad, w, scales, curvature, 4, -1, 0.5, m)
+    v = (w.float() / scales.float()).clamp(-8, 7)
+    p = v - v.floor()
+    exact = grad.float() + 0.37 * 0.5 * 0.0123 * torch.where(p > 0, scales.float() * (1 - 2 * p), 0.0)
+    assert torch.equal(out, exact.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_lotion_penalty_grad_propagates_nan(device):
+    w = torch.tensor([[0.23, float("nan"), 0.1, 0.2]], device=device)
+    scales = torch.tensor([[0.1]], device=device)
+    out, value = kernels.add_lotion_penalty_grad(
+        torch.zeros_like(w), w, scales, torch.ones_like(w), 4, -1, 0.5, torch.tensor(1.0, device=device)
+    )
+    ref, ref_value = add_penalty_grad(torch.zeros_like(w), w, scales, torch.ones_like(w), 4, -1, 0.5, 1.0)
+    assert torch.equal(out.isnan(), ref.isnan()) and value.isnan() and ref_value.isnan()
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
@@ -310,11 +334,11 @@ def test_lotion_linear_trains_on_kernels_like_the_reference(device):
     """A whole layer: StableQAT forward/backward with learned scales on the kernels vs the reference."""
     torch.manual_seed(0)
     base = torch.nn.Linear(96, 21).to(device)
-    spec = QuantSpec(bits=3, group_size=48, method="stableqat")
+    spec = QuantSpec(bits=3, group_size=48)
     x = torch.randn(5, 96, device=device)
     grads = []
     for backend in ("triton", "reference"):
-        layer = LotionLinear.from_linear(torch.nn.Linear(96, 21).to(device), spec)
+        layer = LotionLinear.from_linear(torch.nn.Linear(96, 21).to(device), spec, "stableqat")
         layer.load_state_dict(
             {**base.state_dict(), "weight_scale": layer.weight_scale.detach()}, strict=False
         )
@@ -412,36 +436,35 @@ def test_fake_quantize_forward_on_a_plain_layer_is_f_linear_of_the_rtn_weight():
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
-@pytest.mark.parametrize("curvature", ["fisher", "gauss_newton"])
-def test_regularizer_on_kernels_matches_the_reference_over_steps(device, curvature):
-    """LotionRegularizer's fused path (Fisher EMA + regulariser in one kernel) tracks the reference path."""
+def test_lotion_training_on_kernels_matches_the_reference_over_steps(device):
+    """In-graph LOTION (penalty node, curvature hook) over three optimizer steps: kernels vs reference."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import hf_lotion
-    from hf_lotion import LotionConfig, LotionRegularizer
+    from hf_lotion import LotionConfig
 
     config = LlamaConfig(
         vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4
     )
     ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(0)).to(device)
-    batch = {"input_ids": ids, "labels": ids}
     runs = []
     for backend in ("triton", "reference"):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config).to(device)
-        lotion_config = LotionConfig(bits=2, group_size=32, curvature=curvature, curvature_every=2)
-        hf_lotion.prepare(model, lotion_config)
-        regularizer = LotionRegularizer(model)
+        hf_lotion.prepare(model, LotionConfig(bits=2, group_size=32, lotion_lambda=50.0, curvature_every=1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        runtime = hf_lotion.penalty_runtime(model)
         values, grads = [], []
         with kernels.kernel_backend(backend):
             for _ in range(3):
-                model.zero_grad()
-                model(**batch).loss.backward()
-                values.append(regularizer.step(batch).item())
+                model(input_ids=ids, labels=ids).loss.backward()
                 grads.append({n: layer.weight.grad.clone() for n, layer in hf_lotion.lotion_layers(model)})
-        runs.append((values, grads, regularizer.estimator.ema, regularizer.estimator.updates))
+                optimizer.step()
+                optimizer.zero_grad()
+                values.append(runtime.pop_penalty())
+        runs.append((values, grads, runtime.ema, runtime.updates))
     (values, grads, ema, updates), (ref_values, ref_grads, ref_ema, ref_updates) = runs
-    assert updates == ref_updates
+    assert updates == ref_updates == 3
     assert values == pytest.approx(ref_values, rel=1e-4)
     for step_grads, step_ref in zip(grads, ref_grads, strict=True):
         for name, grad in step_grads.items():

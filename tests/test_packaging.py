@@ -21,6 +21,7 @@ SUBPACKAGES = [
     "hf_lotion.kernels",
     "hf_lotion.kernels.fake_quant",
     "hf_lotion.kernels.packed_matmul",
+    "hf_lotion.methods",
     "hf_lotion.trainer",
     "hf_lotion.cards",
     "hf_lotion.cli",
@@ -88,6 +89,7 @@ def test_cli_version_and_env(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert "transformers" in out and "quant_method 'lotion' registered  True" in out
+    assert "QAT methods                       full_precision, lotion, stableqat, ste" in out
     assert hf_lotion.__version__ in out
 
 

@@ -100,6 +100,29 @@ def test_packed_size_on_disk_4bit_group128(tmp_path):
             assert stored <= 1.05 * (bf16 * 4 / 16 + scale_bytes), name
 
 
+def test_convert_leaves_the_callers_config_alone_and_saves_storage_fields_only(tiny_checkpoint, tmp_path):
+    config = LotionConfig(bits=4, group_size=32, method="lotion", lotion_lambda=3.0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), quantization_config=config)
+    hf_lotion.convert(model)
+    assert config.format == "latent" and config.lotion_lambda == 3.0  # reusable for the next model
+    assert model.config.quantization_config.format == "packed"
+    assert model.hf_quantizer.quantization_config is model.config.quantization_config
+    assert hf_lotion.penalty_runtime(model) is None
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved == {
+        "quant_method": "lotion",
+        "bits": 4,
+        "group_size": 32,
+        "grid": "full",
+        "method": "lotion",
+        "modules_to_not_convert": None,
+        "format": "packed",
+    }
+    other = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), quantization_config=config)
+    assert hf_lotion.penalty_runtime(other).penalty.strength == 3.0
+
+
 def test_compressed_tensors_export_loads_without_hf_lotion(tiny_checkpoint, input_ids, tmp_path):
     pytest.importorskip("compressed_tensors")
     model = qat_model(tiny_checkpoint("llama"), bits=4, group_size=32, method="ste")

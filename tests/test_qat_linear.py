@@ -11,7 +11,7 @@ import hf_lotion
 from hf_lotion import LotionLinear, QuantSpec
 from hf_lotion.quant import absmax_scales, dequantize, fake_quantize_rtn
 
-METHODS = ["lotion", "stableqat", "ste", "rtn"]
+METHODS = ["lotion", "stableqat", "ste", "full_precision"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -20,7 +20,8 @@ def make_layer(method="ste", bits=4, group_size=16, dtype=torch.float32, bias=Tr
     linear = nn.Linear(48, 10, bias=bias).to(dtype)
     with torch.no_grad():
         linear.weight.mul_(torch.rand_like(linear.weight) * 4)
-    return LotionLinear.from_linear(linear, QuantSpec(bits=bits, group_size=group_size, method=method, **kw))
+    method = hf_lotion.methods.build_method(method, **kw)
+    return LotionLinear.from_linear(linear, QuantSpec(bits=bits, group_size=group_size), method)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -33,7 +34,7 @@ def test_eval_mode_is_rtn_deploy_weight_bit_exact(method, dtype, bits, group_siz
     deploy = dequantize(q, scales, group_size, dtype)
     assert torch.equal(layer.deploy_weight(), deploy)
     assert torch.equal(layer(x), F.linear(x, deploy, layer.bias))
-    if not layer.spec.learned_scales:
+    if not layer.method.learned_scales:
         assert torch.equal(scales, absmax_scales(layer.weight, bits, group_size, layer.spec.grid))
 
 
@@ -43,7 +44,7 @@ def test_train_forward_per_method(dtype):
     for method in METHODS:
         layer = make_layer(method, dtype=dtype).train()
         out = layer(x)
-        if method in ("lotion", "rtn"):  # latent weights
+        if method in ("lotion", "full_precision"):  # latent weights
             assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
             assert not torch.equal(out, layer.eval()(x))
         else:  # fake-quantized: same values as eval, different backward
@@ -68,7 +69,7 @@ def test_backward_differs_by_method_and_learned_scales_train():
 
 def test_learned_scales_start_at_absmax_and_stay_positive():
     layer = make_layer("stableqat")
-    assert layer.spec.learned_scales
+    assert layer.method.learned_scales
     assert torch.equal(layer.weight_scale.detach(), absmax_scales(layer.weight, 4, 16, layer.spec.grid))
     with torch.no_grad():
         layer.weight_scale.fill_(-1.0)
@@ -81,7 +82,7 @@ def test_from_linear_shares_parameters_and_keeps_mode():
     layer = LotionLinear.from_linear(linear, QuantSpec(group_size=8))
     assert layer.weight is linear.weight and layer.bias is linear.bias
     assert not layer.training
-    assert "bits=4, group_size=8, method=lotion" in repr(layer)
+    assert "bits=4, group_size=8, grid=full, method=lotion(lotion_lambda=1.0" in repr(layer)
 
 
 def test_constructor_rejects_group_size_that_does_not_divide():

@@ -135,7 +135,7 @@ def test_surrogate_shape():
 def test_stableqat_row_check_reference():
     w = torch.tensor([[0.4, -0.15, 0.0625, 0.6, -0.55]], dtype=F64, requires_grad=True)
     s = torch.tensor([[0.25]], dtype=F64, requires_grad=True)
-    out = fake_quantize(w, s, bits=3, group_size=-1, amplitudes=[0.21])
+    out = fake_quantize(w, s, bits=3, group_size=-1, surrogate=[0.21])
     out.backward(torch.tensor([[0.5, -1.0, 1.0, 0.1, -0.3]], dtype=F64))
     assert out.tolist() == [[0.5, -0.25, 0.0, 0.5, -0.5]]
     expected = [0.2762079655, -0.5524159310, 0.2050120375, 0.0552415931, -0.0419159482]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+import hf_lotion
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -20,9 +22,21 @@ def readme_block(name: str) -> str:
 def test_plain_loop_snippet_trains_lotion_and_evaluates_quantized():
     namespace: dict = {}
     exec(compile(readme_block("plain-loop"), str(README), "exec"), namespace)
-    regularizer, model = namespace["regularizer"], namespace["model"]
-    assert regularizer.active and regularizer.steps == 20 and regularizer.estimator.updates == 20
+    model = namespace["model"]
+    runtime = hf_lotion.penalty_runtime(model)
+    assert runtime.step == 20 and runtime.updates == 5 and runtime.pop_penalty() > 0  # every 4 steps
     assert not model.training
     quantized, latent = namespace["quantized_loss"].item(), namespace["latent_loss"].item()
     assert torch.isfinite(torch.tensor([quantized, latent])).all() and quantized != latent
     assert quantized < 5.0  # trained well below the uniform-over-bytes loss ln(256) = 5.55
+
+
+def test_add_method_snippet_registers_a_method_that_configs_accept():
+    namespace: dict = {}
+    exec(compile(readme_block("add-method"), str(README), "exec"), namespace)
+    try:
+        assert namespace["config"].method == "clipped_ste" and namespace["config"].clip_slope == 0.5
+        surrogate = namespace["config"].build_method().surrogate()
+        assert surrogate(torch.tensor([0.0, 0.5])).tolist() == [1.0, 0.75]
+    finally:
+        hf_lotion.unregister_method("clipped_ste")

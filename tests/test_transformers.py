@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 
 import pytest
 import torch
@@ -117,6 +118,43 @@ def test_prepare_in_memory_model_saves_and_reloads(input_ids, tmp_path):
         hf_lotion.prepare(reloaded, LotionConfig())
 
 
+def test_training_options_change_at_reload_and_storage_options_cannot(tiny_checkpoint, tmp_path):
+    model = load(tiny_checkpoint("llama"), bits=4, group_size=16, method="lotion")
+    model.save_pretrained(tmp_path)
+    requested = LotionConfig(bits=4, group_size=16, lotion_lambda=4.0, curvature_every=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=requested)
+    # transformers' own merge would ignore `requested`: "The `quantization_config` from the model will be used."
+    assert not [w for w in caught if "will be used" in str(w.message)]
+    assert reloaded.config.quantization_config.lotion_lambda == 4.0
+    penalty = hf_lotion.penalty_runtime(reloaded).penalty
+    assert (penalty.strength, penalty.curvature_every) == (4.0, 2)
+    assert requested.format == "latent" and reloaded.config.quantization_config is not requested
+    for name, layer in hf_lotion.lotion_layers(reloaded):
+        assert torch.equal(layer.weight, model.get_submodule(name).weight)
+
+    unspecified = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=LotionConfig(lotion_lambda=2.0)
+    )
+    assert (
+        unspecified.config.quantization_config.group_size,
+        unspecified.config.quantization_config.bits,
+    ) == (16, 4)
+
+    as_stableqat = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=LotionConfig(bits=4, group_size=16, method="stableqat")
+    )
+    assert as_stableqat.model.layers[0].mlp.up_proj.method.name == "stableqat"
+    assert hf_lotion.penalty_runtime(as_stableqat) is None
+
+    for field, value, saved in [("bits", 3, 4), ("group_size", 32, 16), ("grid", "restricted", "full")]:
+        config = LotionConfig(**({"bits": 4, "group_size": 16} | {field: value}))
+        message = rf"LotionConfig\.{field}={value!r} does not match the checkpoint's {field}={saved!r}"
+        with pytest.raises(ValueError, match=message):
+            AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config)
+
+
 def test_modules_to_not_convert(tiny_checkpoint):
     path = tiny_checkpoint("llama")
     model = load(path, modules_to_not_convert=["model.layers.0", "down_proj"], group_size=16)
@@ -166,7 +204,7 @@ def test_dequantize_gives_plain_linears_with_the_deploy_weights(tiny_checkpoint,
         assert torch.equal(model(input_ids).logits, logits)
 
 
-@pytest.mark.parametrize("method", ["lotion", "stableqat", "ste", "rtn"])
+@pytest.mark.parametrize("method", ["lotion", "stableqat", "ste", "full_precision"])
 def test_trainer_accepts_the_qat_model(method, tiny_checkpoint, tmp_path):
     model = load(tiny_checkpoint("llama"), group_size=16, method=method)
     trainer = Trainer(

@@ -92,7 +92,7 @@ def train_tiny_byte_llama(
 ) -> dict[str, float]:
     """Train a tiny byte-level Llama from a seeded random init on the embedded corpus with one QAT method.
 
-    `method="rtn"` trains in full precision and rounds at the end (`eval_latent_loss` is then the fp
+    `method="full_precision"` trains in full precision and rounds at the end (`eval_latent_loss` is then the fp
     model's loss). Returns `LotionTrainer.evaluate()`'s metrics plus `train_seconds`. The same seed gives
     every method the same init and data order, so methods compare at an equal budget.
 

@@ -1,10 +1,11 @@
-"""`LotionTrainer`: a `transformers.Trainer` that trains a LOTION model quantization-aware."""
+"""`LotionTrainer`: a `transformers.Trainer` with QAT logging, latent evaluation and LOTION's curvature in checkpoints."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -13,30 +14,39 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import Trainer
 
-from hf_lotion.nn import latent_weights, lotion_layers
+from hf_lotion.config import LotionConfig
+from hf_lotion.nn import PenaltyRuntime, latent_weights, lotion_layers, penalty_runtime
 
 from .diagnostics import grid_fraction
-from .regularizer import LotionRegularizer, count_target_tokens, lotion_config_of
 
 logger = logging.getLogger(__name__)
 
 CURVATURE_FILE = "lotion_curvature.safetensors"
 
 
+def lotion_config_of(model: nn.Module) -> LotionConfig | None:
+    """The `LotionConfig` a model was quantized with (from its quantizer or `config.quantization_config`)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(quantizer, "quantization_config", None)
+    if config is None:
+        config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(config, Mapping) and config.get("quant_method") == "lotion":
+        config = LotionConfig.from_dict(dict(config))
+    return config if isinstance(config, LotionConfig) else None
+
+
 class LotionTrainer(Trainer):
     """`transformers.Trainer` for models quantized with `LotionConfig`; `TrainingArguments` stay standard.
 
-    Everything method-specific comes from the model's `LotionConfig`:
+    Every method trains correctly under plain `Trainer` too (the QAT lives in the model's layers and loss);
+    this subclass adds what makes a QAT run legible and resumable:
 
-    * `method="lotion"`: after each optimizer step's backward, the curvature estimate is updated from the
-      loss gradient and LOTION's regulariser gradient is added (see `LotionRegularizer`); its value is
-      logged as `lotion_penalty`. Checkpoints carry the curvature state, so `resume_from_checkpoint`
-      continues exactly.
-    * `method="ste"` / `"stableqat"`: the fake-quantized forward and surrogate backward live in the
-      layers; learned scales train with the weights (and get no weight decay).
-    * `evaluate()` reports `eval_loss` of the quantized model (the RTN weights `hf_lotion.convert` packs)
-      and `eval_latent_loss` of the unquantized latent weights; training logs add `grid_fraction`, the
-      share of weights within 0.1 of a grid step from a grid point.
+    * logs `lotion_penalty` (LOTION's penalty value, mean per backward pass) and `grid_fraction` (the share
+      of weights within 0.1 of a grid step from a grid point);
+    * `evaluate()` reports `eval_loss` of the quantized model (the RTN weights `hf_lotion.convert` packs),
+      `eval_latent_loss` of the unquantized latent weights and their gap;
+    * checkpoints carry LOTION's curvature state (`lotion_curvature.safetensors`), so
+      `resume_from_checkpoint` continues exactly; learned scales get no weight decay.
 
     Example:
         >>> model = AutoModelForCausalLM.from_pretrained(path, quantization_config=LotionConfig(bits=4))  # doctest: +SKIP
@@ -50,50 +60,13 @@ class LotionTrainer(Trainer):
             _check_args(args, config)
         super().__init__(model, args, *pargs, **kwargs)
         self.lotion_config = config
-        self.lotion_regularizer = LotionRegularizer(self.model, config, seed=self.args.seed)
-        self._lotion_local_tokens = 0
-        self._lotion_penalty_sum: torch.Tensor | None = None
-        self._lotion_penalty_steps = 0
+
+    @property
+    def penalty_runtime(self) -> PenaltyRuntime | None:
+        """The model's penalty state (LOTION's curvature), or None for methods without a penalty."""
+        return penalty_runtime(self.model)
 
     # -- training ---------------------------------------------------------------------------------------
-
-    def training_step(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        regularizer = self.lotion_regularizer
-        if not regularizer.active:
-            return loss
-        if num_items_in_batch is None:
-            self._lotion_local_tokens += count_target_tokens(inputs)
-        if not self.accelerator.sync_gradients:
-            return loss
-        # Gradients of this optimizer step are complete (and all-reduced under DDP).
-        if num_items_in_batch is None:
-            num_tokens = self._global_token_count(self._lotion_local_tokens)
-        else:
-            num_tokens = float(num_items_in_batch)
-        self._lotion_local_tokens = 0
-        scaler = getattr(self.accelerator, "scaler", None)
-        grad_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        batch = self._prepare_inputs(inputs) if regularizer.needs_batch() else None
-        penalty = regularizer.step(batch, num_tokens=num_tokens, grad_scale=grad_scale)
-        if penalty is not None:
-            penalty = penalty.detach()
-            self._lotion_penalty_sum = (
-                penalty if self._lotion_penalty_sum is None else self._lotion_penalty_sum + penalty
-            )
-            self._lotion_penalty_steps += 1
-        return loss
-
-    def _global_token_count(self, local: int) -> float:
-        if self.args.world_size <= 1:
-            return float(local)
-        count = torch.tensor([local], device=self.args.device, dtype=torch.float64)
-        return float(self.accelerator.gather(count).sum())
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         # Weight decay would pull learned quantization scales toward zero.
@@ -103,11 +76,10 @@ class LotionTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            if self._lotion_penalty_steps:
-                logs["lotion_penalty"] = round(
-                    float(self._lotion_penalty_sum) / self._lotion_penalty_steps, 6
-                )
-                self._lotion_penalty_sum, self._lotion_penalty_steps = None, 0
+            runtime = self.penalty_runtime
+            penalty = runtime.pop_penalty() if runtime is not None else None
+            if penalty is not None:
+                logs["lotion_penalty"] = round(penalty, 6)
             logs["grid_fraction"] = round(grid_fraction(self.model), 4)
         super().log(logs, start_time)
 
@@ -146,15 +118,17 @@ class LotionTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.lotion_regularizer.active and self.args.should_save:
-            save_curvature_state(self.lotion_regularizer, output_dir)
+        runtime = self.penalty_runtime
+        if runtime is not None and self.args.should_save:
+            save_curvature_state(runtime, output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or not self.lotion_regularizer.active:
+        runtime = self.penalty_runtime
+        if checkpoint is None or runtime is None:
             return
         if os.path.isfile(os.path.join(checkpoint, CURVATURE_FILE)):
-            load_curvature_state(self.lotion_regularizer, checkpoint)
+            load_curvature_state(runtime, self.model, checkpoint)
         else:
             logger.warning(
                 "Checkpoint %s has no %s; LOTION's curvature estimate restarts from zero.",
@@ -163,16 +137,20 @@ class LotionTrainer(Trainer):
             )
 
 
-def save_curvature_state(regularizer: LotionRegularizer, directory: str) -> None:
-    """Write the regulariser's curvature state as safetensors (temporary name, then rename)."""
-    state = regularizer.state_dict()
-    curvature = state["curvature"]
-    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in curvature["ema"].items()}
+# Written into the curvature file: the estimate it holds. Files without it (hf-lotion 0.1) held another
+# estimate, on another scale, and are not loaded.
+CURVATURE_ESTIMATE = "per_token_fisher"
+
+
+def save_curvature_state(runtime: PenaltyRuntime, directory: str) -> None:
+    """Write the penalty's curvature state as safetensors (temporary name, then rename)."""
+    state = runtime.state_dict()
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in state["ema"].items()}
     metadata = {
-        "estimator": curvature["estimator"],
-        "beta": repr(curvature["beta"]),
-        "updates": str(curvature["updates"]),
-        "steps": str(state["steps"]),
+        "estimate": CURVATURE_ESTIMATE,
+        "updates": str(state["updates"]),
+        "steps": str(state["step"]),
+        "layer_updates": json.dumps(state["layer_updates"], sort_keys=True),
     }
     path = os.path.join(directory, CURVATURE_FILE)
     tmp = path + ".tmp"
@@ -180,28 +158,36 @@ def save_curvature_state(regularizer: LotionRegularizer, directory: str) -> None
     os.replace(tmp, path)
 
 
-def load_curvature_state(regularizer: LotionRegularizer, directory: str) -> None:
-    """Restore what `save_curvature_state` wrote, onto the devices of the regulariser's layers."""
+def load_curvature_state(runtime: PenaltyRuntime, model: nn.Module, directory: str) -> None:
+    """Restore what `save_curvature_state` wrote, onto the devices of the model's layers."""
     path = os.path.join(directory, CURVATURE_FILE)
+    layers = {
+        layer.penalty_name: layer for _, layer in lotion_layers(model) if layer.penalty_runtime is runtime
+    }
     with safe_open(path, "pt") as handle:
         metadata = handle.metadata() or {}
+        if metadata.get("estimate") != CURVATURE_ESTIMATE:
+            logger.warning(
+                "%s holds a curvature estimate of an earlier hf-lotion (%s), on another scale; LOTION's "
+                "curvature restarts from zero.",
+                path,
+                metadata.get("estimator", "unknown"),
+            )
+            return
         names = list(handle.keys())
-        unknown = sorted(set(names) - set(regularizer.layers))
+        unknown = sorted(set(names) - set(layers))
         if unknown:
             raise ValueError(
                 f"{path} holds curvature for layers this model does not train with LOTION: {unknown[:3]}... "
                 "Resume with the model the checkpoint was trained with."
             )
-        tensors = {name: handle.get_tensor(name).to(regularizer.layers[name].weight.device) for name in names}
-    regularizer.load_state_dict(
+        tensors = {name: handle.get_tensor(name).to(layers[name].weight.device) for name in names}
+    runtime.load_state_dict(
         {
-            "steps": int(metadata["steps"]),
-            "curvature": {
-                "estimator": metadata.get("estimator"),
-                "beta": float(metadata["beta"]),
-                "updates": int(metadata["updates"]),
-                "ema": tensors,
-            },
+            "step": int(metadata["steps"]),
+            "updates": int(metadata["updates"]),
+            "ema": tensors,
+            "layer_updates": json.loads(metadata["layer_updates"]),
         }
     )
     logger.info("Restored LOTION curvature state (%s) from %s", json.dumps(metadata), path)
@@ -220,6 +206,9 @@ def _check_model(model: nn.Module | None):
             "`TrainingArguments(torch_compile=True)` instead."
         )
     config = lotion_config_of(model)
+    if config is not None:
+        config.post_init()  # re-validate: the config may have been edited after loading
+        _refresh_penalty(model, config)
     if config is not None and config.format == "packed":
         raise ValueError(
             "LotionTrainer got a packed model (LotionConfig.format='packed'), which holds integers and cannot "
@@ -234,17 +223,37 @@ def _check_model(model: nn.Module | None):
     return config
 
 
+def _refresh_penalty(model: nn.Module, config: LotionConfig) -> None:
+    """Apply edits of the method's options made after loading (the curvature state is kept)."""
+    from hf_lotion.quantizer import install_lotion_penalty
+
+    method = config.build_method()
+    layers = [layer for _, layer in lotion_layers(model)]
+    if any(layer.method.name != method.name for layer in layers):
+        raise ValueError(
+            f"LotionConfig.method={method.name!r} differs from the method the model's layers were built with "
+            f"({layers[0].method.name!r}); to switch methods reload with "
+            "`from_pretrained(path, quantization_config=LotionConfig(..., method=...))`."
+        )
+    for layer in layers:
+        layer.method = method
+    runtime, penalty = penalty_runtime(model), method.penalty()
+    if runtime is not None and penalty is not None:
+        runtime.penalty = penalty
+    elif (runtime is None) != (penalty is None) and config.format == "latent":
+        install_lotion_penalty(model, config)
+
+
 def _check_args(args: Any, config) -> None:
-    method = config.method if config is not None else None
-    if method != "lotion":
+    if config is None or config.build_method().penalty() is None:
         return
-    if getattr(args, "deepspeed", None):
-        raise ValueError(
-            "LotionTrainer with method='lotion' does not support DeepSpeed: ZeRO partitions the gradients the "
-            "LOTION regulariser is added to. Use DDP (torchrun), or method='ste'/'stableqat'."
-        )
-    if getattr(args, "fsdp", None):
-        raise ValueError(
-            "LotionTrainer with method='lotion' does not support FSDP yet (the regulariser needs whole weight "
-            "rows and their gradients). Use DDP (torchrun), or method='ste'/'stableqat'."
-        )
+    for name, value in (
+        ("deepspeed", getattr(args, "deepspeed", None)),
+        ("fsdp", getattr(args, "fsdp", None)),
+    ):
+        if value:
+            raise ValueError(
+                f"LotionTrainer with method={config.method!r} does not support {name}: LOTION's curvature state "
+                "is kept per whole weight, which sharded parameters break (untested). Use DDP (torchrun), or "
+                "method='ste'/'stableqat'."
+            )

@@ -8,8 +8,8 @@ they are imported only when a kernel is about to run.
 One file per op (kernels, custom ops that launch them with fake implementations, autograd):
 
 * `fake_quant`: group absmax; fused fake-quant forward with round-to-nearest or counter-based (Philox)
-  randomized rounding; STE/StableQAT backward with LSQ scale grads;
-* `lotion`: LOTION's regulariser step (curvature EMA, penalty, gradient added in place) in one pass;
+  randomized rounding; Fourier-surrogate backward (STE, StableQAT) with LSQ scale grads;
+* `lotion`: LOTION's penalty gradient and value in one pass;
 * `packed_matmul`: packed int2/3/4/8 dequantization, GEMV for decode, dequantize + cuBLAS for batches.
 
 Set `HF_LOTION_KERNELS=reference` to force the reference everywhere (debugging).
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .. import quant
 from ..quant.rounding import check_counter
+from ..quant.surrogates import Surrogate
 from .dispatch import (
     BACKENDS,
     ENV_VAR,
@@ -58,24 +59,29 @@ def fake_quantize(
     scales: torch.Tensor,
     bits: int,
     group_size: int,
-    amplitudes: Sequence[float] = (),
+    surrogate: Surrogate | Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """RTN fake quantization with STE (or StableQAT, given `amplitudes`) backward and LSQ scale gradients.
+    """RTN fake quantization whose backward goes through `surrogate`, with LSQ scale gradients.
 
-    Forward outputs are bit-identical to `hf_lotion.quant.fake_quantize`; gradients agree to rounding.
+    `surrogate`: a `hf_lotion.quant.Surrogate`, StableQAT's Fourier amplitudes, or `None` / `()` for STE.
+    The Triton kernel evaluates Fourier-series surrogates (STE included); any other surrogate runs its
+    reference on every device. Forward outputs are bit-identical to `hf_lotion.quant.fake_quantize`;
+    gradients agree to rounding.
 
     Example:
         >>> w = torch.tensor([[0.4, -0.15, 0.0625, 0.6, -0.55]])
         >>> fake_quantize(w, torch.tensor([[0.25]]), bits=3, group_size=-1)
         tensor([[ 0.5000, -0.2500,  0.0000,  0.5000, -0.5000]])
     """
-    if _triton_for(weight, scales):
+    surrogate = quant.as_surrogate(surrogate)
+    amplitudes = surrogate.kernel_amplitudes
+    if amplitudes is not None and _triton_for(weight, scales):
         from . import fake_quant
 
         return fake_quant.fake_quantize_op(
             weight, scales, bits, group_size, [float(a) for a in amplitudes], None, 0
         )
-    return quant.fake_quantize(weight, scales, bits, group_size, amplitudes)
+    return quant.fake_quantize(weight, scales, bits, group_size, surrogate)
 
 
 def stochastic_fake_quantize(
@@ -90,36 +96,27 @@ def stochastic_fake_quantize(
     return quant.stochastic_fake_quantize(weight, scales, bits, group_size, seed, offset)
 
 
-def lotion_kernel_available(weight: torch.Tensor) -> bool:
-    """Whether `lotion_regularizer_step_` runs fused for this weight (else the caller uses the reference)."""
-    return _triton_for(weight)
-
-
-def lotion_regularizer_step_(
+def add_lotion_penalty_grad(
+    grad: torch.Tensor,
     weight: torch.Tensor,
     scales: torch.Tensor,
-    grad: torch.Tensor,
     curvature: torch.Tensor,
     bits: int,
     group_size: int,
-    strength: float = 1.0,
-    grad_scale: float = 1.0,
-    fisher: tuple[float, float, float] | None = None,
-) -> torch.Tensor:
-    """Fused LOTION step (Triton only; see `kernels.lotion.lotion_step_`). Check `lotion_kernel_available`."""
-    from . import lotion
+    coefficient: float,
+    multiplier: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LOTION's penalty gradient added to `grad` (a new tensor) and the penalty's value.
 
-    return lotion.lotion_step_(
-        weight,
-        scales,
-        grad,
-        curvature,
-        bits,
-        group_size,
-        float(strength),
-        float(grad_scale),
-        list(fisher or ()),
-    )
+    Same results as `hf_lotion.quant.add_penalty_grad` (to rounding); one fused pass on the kernels.
+    """
+    if _triton_for(weight, grad) and curvature.dtype == torch.float32:
+        from . import lotion
+
+        return lotion.lotion_penalty_grad(
+            weight, scales, grad, curvature, multiplier, bits, group_size, float(coefficient)
+        )
+    return quant.add_penalty_grad(grad, weight, scales, curvature, bits, group_size, coefficient, multiplier)
 
 
 def dequantize_packed(
@@ -156,12 +153,11 @@ __all__ = [
     "ENV_VAR",
     "KERNEL_DTYPES",
     "absmax_scales",
+    "add_lotion_penalty_grad",
     "dequantize_packed",
     "fake_quantize",
     "interpreter_enabled",
     "kernel_backend",
-    "lotion_kernel_available",
-    "lotion_regularizer_step_",
     "packed_linear",
     "requested_backend",
     "stochastic_fake_quantize",

@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import absmax_scales, fake_quantize
+from ..methods import QatMethod, build_method
 from ..quant.grid import quantize_rtn, scale_floor
-from ..quant.spec import FAKE_QUANT_METHODS, QuantSpec, check_divisible, resolve_group_size
+from ..quant.spec import QuantSpec, check_divisible, resolve_group_size
+
+logger = logging.getLogger(__name__)
+_WARNED_DETACHED = False  # warn once per process, not once per layer
 
 
 class LotionLinear(nn.Linear):
-    """A QAT linear layer: latent weight (plus learned scales for LSQ) and its quantization spec.
+    """A QAT linear layer: latent weight (plus learned scales for LSQ), its storage spec and its QAT method.
 
-    * train mode: the method's forward. `lotion` and `rtn` use the latent weight (LOTION's regulariser is
-      added to the gradient by the trainer or `hf_lotion.lotion_regularizer`); `ste` and `stableqat`
-      fake-quantize it with their surrogate backward.
+    * train mode: the method's forward (`method.train_weight`: the latent weight, or a fake-quantized one
+      with the method's surrogate backward); a method with a penalty (LOTION) adds it through the model's
+      loss, see `hf_lotion.nn.penalty`.
     * eval mode: always the deterministic RTN weight that `hf_lotion.convert` packs (gradients pass
       straight through), so evaluation measures the model that will be exported.
 
-    It subclasses `nn.Linear`, so code that looks for linear layers (initialisers, PEFT) keeps working.
+    `qat_linear(x, weight)` runs the same computation on an *effective* weight, for wrappers whose weight
+    is made of more than the latent one (adapters: `W + scaling * B A`); `forward(x)` is
+    `qat_linear(x, self.weight)`. It subclasses `nn.Linear`, so code that looks for linear layers
+    (initialisers, PEFT) keeps working.
 
     Example:
-        >>> layer = LotionLinear.from_linear(nn.Linear(64, 8), QuantSpec(bits=4, group_size=32, method="ste"))
+        >>> layer = LotionLinear.from_linear(nn.Linear(64, 8), QuantSpec(bits=4, group_size=32), method="ste")
         >>> layer.eval()(torch.randn(2, 64)).shape
         torch.Size([2, 8])
     """
@@ -34,6 +43,7 @@ class LotionLinear(nn.Linear):
         out_features: int,
         bias: bool = True,
         spec: QuantSpec | None = None,
+        method: QatMethod | str = "lotion",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -41,9 +51,13 @@ class LotionLinear(nn.Linear):
         check_divisible(spec.group_size, in_features, type(self).__name__)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.spec = spec
+        self.method = build_method(method)
         # Set by `latent_weights()`: evaluate the unquantized latent weight (to report the quantization gap).
         self.eval_latent = False
-        if spec.learned_scales:
+        # Set by `install_penalty` for methods with a penalty.
+        self.penalty_runtime = None
+        self.penalty_name = ""
+        if self.method.learned_scales:
             n_groups = in_features // resolve_group_size(spec.group_size, in_features)
             self.weight_scale = nn.Parameter(torch.empty(out_features, n_groups, device=device, dtype=dtype))
             self.reset_scales()
@@ -51,13 +65,16 @@ class LotionLinear(nn.Linear):
             self.register_parameter("weight_scale", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> LotionLinear:
+    def from_linear(
+        cls, linear: nn.Linear, spec: QuantSpec, method: QatMethod | str = "lotion"
+    ) -> LotionLinear:
         """Wrap `linear`, sharing its weight and bias parameters (no copy; works on the meta device)."""
         layer = cls(
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
             spec=spec,
+            method=method,
             device="meta",
             dtype=linear.weight.dtype,
         )
@@ -76,17 +93,21 @@ class LotionLinear(nn.Linear):
         """Set learned scales to the absmax rule at the current weight (StableQAT's initialisation)."""
         if self.weight_scale is None or self.weight.is_meta:
             return
-        self.weight_scale.copy_(self._absmax_scales())
+        self.weight_scale.copy_(self._absmax_scales(self.weight))
 
-    def _absmax_scales(self) -> torch.Tensor:
+    def _absmax_scales(self, weight: torch.Tensor) -> torch.Tensor:
         spec = self.spec
-        return absmax_scales(self.weight, spec.bits, spec.group_size, spec.grid)
+        return absmax_scales(weight, spec.bits, spec.group_size, spec.grid)
 
-    def quant_scales(self) -> torch.Tensor:
-        """The scales in use, `(out_features, n_groups)`: learned ones (kept above a positive floor) or absmax."""
+    def quant_scales(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The scales for `weight` (default: the latent weight), `(out_features, n_groups)`.
+
+        Learned ones (kept above a positive floor) or the absmax rule at `weight`.
+        """
+        weight = self.weight if weight is None else weight
         if self.weight_scale is None:
-            return self._absmax_scales()
-        return torch.clamp_min(self.weight_scale, scale_floor(self.weight, self.weight_scale.dtype))
+            return self._absmax_scales(weight)
+        return torch.clamp_min(self.weight_scale, scale_floor(weight, self.weight_scale.dtype))
 
     @torch.no_grad()
     def quantize_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,22 +121,69 @@ class LotionLinear(nn.Linear):
         return fake_quantize(self.weight, self.quant_scales(), self.spec.bits, self.spec.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qat_linear(x, self.weight)
+
+    def qat_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`x @ w^T + b` for the effective weight `weight`, as this layer trains or deploys it.
+
+        Eval mode multiplies by the RTN weight of `weight`; train mode by the method's train weight, with
+        the method's penalty (if any) on `weight`, so its gradient reaches whatever `weight` is made of.
+        """
         spec = self.spec
         if not self.training:
             if self.eval_latent:
-                return F.linear(x, self.weight, self.bias)
-            weight = fake_quantize(self.weight, self.quant_scales(), spec.bits, spec.group_size)
-        elif spec.method in FAKE_QUANT_METHODS:
-            weight = fake_quantize(
-                self.weight, self.quant_scales(), spec.bits, spec.group_size, spec.surrogate_amplitudes
+                return F.linear(x, weight, self.bias)
+            return F.linear(
+                x, fake_quantize(weight, self.quant_scales(weight), spec.bits, spec.group_size), self.bias
             )
-        else:  # lotion and rtn train the latent weight
-            weight = self.weight
-        return F.linear(x, weight, self.bias)
+        method = self.method
+        context = self._penalty_context(weight)
+        scales = self.quant_scales(weight) if context is not None or method.uses_scales() else None
+        if context is not None:
+            weight = self.penalty_runtime.penalize_weight(self, weight, scales, context)
+        y = F.linear(x, method.train_weight(weight, scales, spec), self.bias)
+        if context is not None and context.fisher_due and y.requires_grad:
+            y = self.penalty_runtime.probe_output(self.penalty_name, x, y, context)
+        return y
+
+    def _penalty_context(self, weight: torch.Tensor):
+        """The forward context when the method's penalty applies to this call, else None."""
+        if not torch.is_grad_enabled():
+            return None
+        runtime = self.penalty_runtime
+        if runtime is None:
+            if self.method.penalty() is None:
+                return None
+            global _WARNED_DETACHED
+            if not _WARNED_DETACHED:
+                _WARNED_DETACHED = True
+                logger.warning(
+                    "LotionLinear with method=%r trains without its penalty: it is not part of a model prepared "
+                    "with hf_lotion.prepare / from_pretrained(quantization_config=LotionConfig(...)).",
+                    self.method.name,
+                )
+            return None
+        if not weight.requires_grad:
+            runtime.warn_once(
+                "frozen",
+                f"LOTION's penalty has nothing to train in '{self.penalty_name}': its weight is frozen (for "
+                "example adapters were added on top of the quantized layer as a plain linear). The penalty acts "
+                "on the effective weight that LotionLinear.qat_linear(x, weight) receives; train the weights, "
+                "or pass the adapted weight through qat_linear.",
+            )
+            return None
+        context = runtime.context()
+        if context is None:
+            runtime.warn_once(
+                "outside",
+                f"'{self.penalty_name}' ran in train mode outside its model's forward: LOTION's penalty is wired "
+                "through the model's forward hooks, so this call trains without it.",
+            )
+        return context
 
     def extra_repr(self) -> str:
         spec = self.spec
         return (
-            f"{super().extra_repr()}, bits={spec.bits}, group_size={spec.group_size}, method={spec.method}, "
-            f"grid={spec.grid}, learned_scales={spec.learned_scales}"
+            f"{super().extra_repr()}, bits={spec.bits}, group_size={spec.group_size}, grid={spec.grid}, "
+            f"method={self.method!r}"
         )

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..methods import QatMethod
 from ..quant.spec import QuantSpec, check_divisible
 from .qat_linear import LotionLinear
 
@@ -83,6 +84,7 @@ def check_layers(layers: list[tuple[str, nn.Linear]], spec: QuantSpec, check_val
 def replace_linear_layers(
     model: nn.Module,
     spec: QuantSpec,
+    method: QatMethod | str = "lotion",
     modules_to_not_convert: Iterable[str] | None = None,
     check_values: bool = True,
 ) -> list[str]:
@@ -92,7 +94,7 @@ def replace_linear_layers(
 
     Example:
         >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
-        >>> replace_linear_layers(model, QuantSpec(bits=4, group_size=16), modules_to_not_convert=["2"])
+        >>> replace_linear_layers(model, QuantSpec(bits=4, group_size=16), "ste", modules_to_not_convert=["2"])
         ['0']
     """
     if is_lotion_model(model):
@@ -109,7 +111,7 @@ def replace_linear_layers(
     if not layers:
         logger.warning("No nn.Linear layer to quantize was found (excluded: %s).", skipped)
     for name, module in layers:
-        model.set_submodule(name, LotionLinear.from_linear(module, spec))
+        model.set_submodule(name, LotionLinear.from_linear(module, spec, method))
     return [name for name, _ in layers]
 
 

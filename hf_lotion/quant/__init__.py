@@ -23,6 +23,8 @@ from .grid import (
     scale_floor,
 )
 from .lotion import (
+    add_penalty_grad,
+    grid_distance,
     lotion_penalty,
     lotion_penalty_grad,
     lotion_regularizer,
@@ -31,19 +33,25 @@ from .lotion import (
 )
 from .packing import pack_int, packed_words, unpack_int
 from .rounding import counter_uniform, philox_uint32, rounding_split, stochastic_round
-from .spec import DEFAULT_GRID_BY_BITS, GRIDS, METHODS, SUPPORTED_BITS, QuantSpec
+from .spec import DEFAULT_GRID_BY_BITS, GRIDS, SUPPORTED_BITS, QuantSpec
+from .surrogates import FourierSurrogate, StraightThrough, Surrogate, as_surrogate
 
 __all__ = [
     "DEFAULT_GRID_BY_BITS",
     "GRIDS",
-    "METHODS",
     "SUPPORTED_BITS",
+    "FourierSurrogate",
     "QuantSpec",
+    "StraightThrough",
+    "Surrogate",
     "absmax_scales",
+    "add_penalty_grad",
+    "as_surrogate",
     "counter_uniform",
     "dequantize",
     "fake_quantize",
     "fake_quantize_rtn",
+    "grid_distance",
     "grouped",
     "int_range",
     "lotion_penalty",

@@ -1,11 +1,11 @@
 """Fake quantization with straight-through (STE) and StableQAT surrogate gradients, plus LSQ scale gradients.
 
 Forward: `w_hat = s * clamp(round(w / s), qmin, qmax)` (RTN, identical to the deploy weight).
-Backward, with `v = w / s` and `r = v - round(v)`:
+Backward, with `v = w / s`:
 
-* weight: `dL/dw = dL/dw_hat * 1[qmin <= v <= qmax] * g(v)`, where `g = 1` for STE and, for StableQAT,
-  `g(v) = (1 - c S) / (1 + c S)`, `S = sum_k a_k cos((2k+1) pi (v + round(v)))`, `c = sqrt(2) pi`.
-  `g` depends only on `r`; it is 1 at `r = +-1/2` and about 0.0347 at `r = 0` for `a = [0.21]`.
+* weight: `dL/dw = dL/dw_hat * 1[qmin <= v <= qmax] * g(v)`, with `g` a `Surrogate`: `g = 1` for STE;
+  StableQAT's Fourier surrogate `g(v) = (1 - c S) / (1 + c S)`, `S = sum_k a_k cos((2k+1) pi (v + round(v)))`,
+  `c = sqrt(2) pi`, which is 1 at `v - round(v) = +-1/2` and about 0.0347 on the grid for `a = [0.21]`.
 * scale (only when the scale requires grad, LSQ): per element `round(v) - v` inside the range and the
   clip level outside, times `1 / sqrt(numel(W) * qmax)`, summed over each group. No surrogate here.
 """
@@ -17,29 +17,21 @@ from collections.abc import Sequence
 
 import torch
 
-from .grid import dequantize, grouped, int_range, math_dtype, scaled_values
+from .grid import dequantize, grouped, int_range, scaled_values
 from .rounding import stochastic_round
-from .spec import SURROGATE_COEFF
+from .surrogates import FourierSurrogate, StraightThrough, Surrogate, as_surrogate
 
 
 def stableqat_surrogate(v: torch.Tensor, amplitudes: Sequence[float]) -> torch.Tensor:
     """StableQAT's surrogate derivative of rounding, `g(v)`, in `v`'s dtype upcast to at least float32.
 
-    All ones when `amplitudes` is empty (plain STE).
+    All ones when `amplitudes` is empty (plain STE). See `FourierSurrogate`.
 
     Example:
         >>> round(stableqat_surrogate(torch.tensor([0.0]), [0.21]).item(), 6)
         0.034658
     """
-    v = v.to(math_dtype(v))
-    if not amplitudes:
-        return torch.ones_like(v)
-    # cos((2k+1) pi (v + round(v))) == cos((2k+1) pi r) with r = v - round(v) (exact in floating point);
-    # using r keeps the phase small and accurate in float32 even for large |v|.
-    phase = math.pi * (v - torch.round(v))
-    series = sum(a * torch.cos((2 * k + 1) * phase) for k, a in enumerate(amplitudes))
-    cs = SURROGATE_COEFF * series
-    return (1.0 - cs) / (1.0 + cs)
+    return as_surrogate(amplitudes)(v)
 
 
 def lsq_gradient_scale(numel: int, bits: int) -> float:
@@ -57,10 +49,10 @@ def _levels(v: torch.Tensor, bits: int, seed: int | None, offset: int) -> torch.
 
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, scales, bits, group_size, amplitudes, seed, offset):
+    def forward(ctx, weight, scales, bits, group_size, surrogate, seed, offset):
         q = _levels(scaled_values(weight, scales, group_size), bits, seed, offset)
         ctx.save_for_backward(weight, scales)
-        ctx.bits, ctx.group_size, ctx.amplitudes = bits, group_size, amplitudes
+        ctx.bits, ctx.group_size, ctx.surrogate = bits, group_size, surrogate
         ctx.seed, ctx.offset = seed, offset
         return dequantize(q.reshape(weight.shape), scales, group_size, weight.dtype)
 
@@ -74,8 +66,8 @@ class _FakeQuantize(torch.autograd.Function):
 
         grad_weight = grad_scales = None
         if ctx.needs_input_grad[0]:
-            g = stableqat_surrogate(v, ctx.amplitudes)
-            grad_weight = torch.where(inside, grad * g, 0.0).reshape(weight.shape).to(weight.dtype)
+            surrogate_grad = grad if isinstance(ctx.surrogate, StraightThrough) else grad * ctx.surrogate(v)
+            grad_weight = torch.where(inside, surrogate_grad, 0.0).reshape(weight.shape).to(weight.dtype)
         if ctx.needs_input_grad[1]:
             # Levels are recomputed (randomized ones regenerated from the seed), not stored. Outside the
             # range the clamped level is the clip level LSQ differentiates by.
@@ -91,24 +83,25 @@ def fake_quantize(
     scales: torch.Tensor,
     bits: int,
     group_size: int,
-    amplitudes: Sequence[float] = (),
+    surrogate: Surrogate | Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """Differentiable RTN fake quantization; STE backward when `amplitudes` is empty, StableQAT otherwise.
+    """Differentiable RTN fake quantization whose weight gradient goes through `surrogate`.
 
-    Pass scales that require grad to learn them (LSQ); detached absmax scales get no gradient.
+    `surrogate` is a `Surrogate`, StableQAT's Fourier amplitudes, or `None` / `()` for STE. Pass scales
+    that require grad to learn them (LSQ); detached absmax scales get no gradient.
 
     Example:
         >>> w = torch.tensor([[0.4, -0.15, 0.0625, 0.6, -0.55]], requires_grad=True)
-        >>> fake_quantize(w, torch.tensor([[0.25]]), bits=3, group_size=-1, amplitudes=[0.21])
+        >>> fake_quantize(w, torch.tensor([[0.25]]), bits=3, group_size=-1, surrogate=[0.21])
         tensor([[ 0.5000, -0.2500,  0.0000,  0.5000, -0.5000]],
                grad_fn=<_FakeQuantizeBackward>)
     """
-    return _FakeQuantize.apply(weight, scales, bits, group_size, tuple(amplitudes), None, 0)
+    return _FakeQuantize.apply(weight, scales, bits, group_size, as_surrogate(surrogate), None, 0)
 
 
 def ste_fake_quantize(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """RTN forward, straight-through backward (zero outside the clip range)."""
-    return fake_quantize(weight, scales, bits, group_size, ())
+    return fake_quantize(weight, scales, bits, group_size, StraightThrough())
 
 
 def stableqat_fake_quantize(
@@ -119,7 +112,7 @@ def stableqat_fake_quantize(
     amplitudes: Sequence[float] = (0.21,),
 ) -> torch.Tensor:
     """RTN forward, StableQAT's Fourier-surrogate backward (`amplitudes=()` is exactly STE)."""
-    return fake_quantize(weight, scales, bits, group_size, amplitudes)
+    return fake_quantize(weight, scales, bits, group_size, FourierSurrogate(tuple(amplitudes)))
 
 
 def stochastic_fake_quantize(
@@ -136,4 +129,4 @@ def stochastic_fake_quantize(
         >>> stochastic_fake_quantize(w, torch.tensor([[0.1]]), bits=4, group_size=-1, seed=3)
         tensor([[0.2000, 0.0000, 0.4000]])
     """
-    return _FakeQuantize.apply(weight, scales, bits, group_size, (), int(seed), int(offset))
+    return _FakeQuantize.apply(weight, scales, bits, group_size, StraightThrough(), int(seed), int(offset))

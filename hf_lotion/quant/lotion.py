@@ -84,19 +84,39 @@ def lotion_penalty_grad(
     return (0.5 * strength * curvature.detach().to(p.dtype) * slope).to(weight.dtype)
 
 
-def lotion_penalty_and_grad(
+def add_penalty_grad(
+    grad: torch.Tensor,
     weight: torch.Tensor,
     scales: torch.Tensor,
     curvature: torch.Tensor,
     bits: int,
     group_size: int,
-    strength: float = 1.0,
+    coefficient: float,
+    multiplier: torch.Tensor | float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`lotion_penalty` and `lotion_penalty_grad` from one pass over the weight (what trainers call per step)."""
+    """`grad + multiplier * coefficient * G * s (1 - 2p)` (zero on the grid) and the penalty's value.
+
+    This is what LOTION adds to a weight's gradient inside backward: `coefficient` is `lambda / 2` (times
+    the curvature EMA's bias correction when `curvature` is the raw EMA) and `multiplier` is the gradient
+    that reached the loss (gradient-accumulation division, a micro-batch's share of the tokens, an fp16 loss
+    scale). The sum is formed in float32 (float64 for float64 inputs) and rounded once to `grad`'s dtype.
+    The value is `coefficient * sum G s^2 p (1 - p)`, a float32 (float64) scalar, without `multiplier`.
+
+    Example:
+        >>> g, v = add_penalty_grad(torch.zeros(1, 1), torch.tensor([[0.23]]), torch.tensor([[0.1]]),
+        ...                         torch.ones(1, 1), bits=4, group_size=-1, coefficient=1.0, multiplier=2.0)
+        >>> g, v
+        (tensor([[0.0800]]), tensor(0.0021))
+    """
     p, s = _grouped_position(weight, scales, bits, group_size)
     g = curvature.detach().to(p.dtype)
-    value = 0.5 * strength * (g * _variance(p, s, weight.shape)).sum()
-    return value, (0.5 * strength * g * _slope(p, s, weight.shape)).to(weight.dtype)
+    value = coefficient * (g * _variance(p, s, weight.shape)).sum()
+    step = g * _slope(p, s, weight.shape)
+    if isinstance(multiplier, torch.Tensor):
+        scale = multiplier.detach().to(device=step.device, dtype=p.dtype) * coefficient
+    else:
+        scale = float(multiplier) * coefficient
+    return (grad.to(p.dtype) + scale * step).to(grad.dtype), value
 
 
 def grid_distance(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:

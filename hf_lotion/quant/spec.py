@@ -1,22 +1,18 @@
-"""What a quantized weight is: bit width, grouping, scale rule and training method.
+"""What a quantized weight is: bit width, grouping and scale rule; and the shared field validators.
 
-Pure Python, no torch: the transformers config and the `nn` modules both build on this, and every
-validation error is raised here so that both report the same message (field, value, allowed values).
+Pure Python, no torch: the transformers config, the QAT methods and the `nn` modules all build on this,
+and every validation error is raised through `invalid_value` so that all report the same message
+(field, value, allowed values).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-METHODS = ("lotion", "stableqat", "ste", "rtn")
 GRIDS = ("full", "restricted")
-# Diagonal curvature estimators for LOTION's regulariser (see `hf_lotion.trainer.curvature`).
-CURVATURE_ESTIMATORS = ("fisher", "gauss_newton")
-# Methods whose training forward fake-quantizes the weight (and can therefore learn scales).
-FAKE_QUANT_METHODS = ("stableqat", "ste")
 
 # Measured RTN reconstruction error (relative MSE, Gaussian and Student-t weights, groups 32 and 128):
 # the full-range rule is 0.51-0.73x the restricted one at 2 bits, 0.75-0.83x at 3 bits, 0.89-0.96x at
@@ -75,6 +71,12 @@ def validate_positive_int(name: str, value: object, owner: str = "LotionConfig")
     return value  # type: ignore[return-value]
 
 
+def validate_bool(name: str, value: object, owner: str = "LotionConfig") -> bool:
+    if not isinstance(value, bool):
+        invalid_value(owner, name, value, "True or False")
+    return value  # type: ignore[return-value]
+
+
 def validate_amplitudes(amplitudes: object, owner: str = "LotionConfig") -> tuple[float, ...]:
     name = "stableqat_amplitudes"
     if (
@@ -113,25 +115,6 @@ def validate_positive_float(
     return float(value)  # type: ignore[arg-type]
 
 
-def resolve_learned_scales(method: str, learned_scales: object, owner: str = "LotionConfig") -> bool:
-    """`None` means learned scales for stableqat (as its reference code), absmax scales otherwise."""
-    if learned_scales is None:
-        return method == "stableqat"
-    if not isinstance(learned_scales, bool):
-        invalid_value(
-            owner, "learned_scales", learned_scales, "True, False or None (None: True for stableqat)"
-        )
-    if learned_scales and method not in FAKE_QUANT_METHODS:
-        invalid_value(
-            owner,
-            "learned_scales",
-            learned_scales,
-            f"False for method={method!r}; learned scales need a fake-quantized forward, method in "
-            f"{FAKE_QUANT_METHODS}",
-        )
-    return learned_scales  # type: ignore[return-value]
-
-
 def resolve_group_size(group_size: int, in_features: int) -> int:
     """The number of input features that share one scale (`-1` means the whole row)."""
     return in_features if group_size == -1 else group_size
@@ -149,34 +132,28 @@ def check_divisible(group_size: int, in_features: int, layer: str) -> None:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one linear layer's weight is quantized and trained.
+    """How one linear layer's weight is stored: bit width, grouping and scale rule.
+
+    These are the *storage* fields: they fix the grid a checkpoint is quantized on, so they cannot change
+    once a model is trained. How the weight is trained (the QAT method and its options) lives in
+    `hf_lotion.methods`.
 
     Example:
-        >>> QuantSpec(bits=4, group_size=32, method="stableqat").learned_scales
-        True
+        >>> QuantSpec(bits=4, group_size=32).grid
+        'full'
     """
 
     bits: int = 4
     group_size: int = 128
-    method: str = "lotion"
     grid: str | None = None
-    learned_scales: bool | None = None
-    stableqat_amplitudes: tuple[float, ...] = field(default=(0.21,))
 
     def __post_init__(self) -> None:
         owner = "QuantSpec"
         validate_bits(self.bits, owner)
         validate_group_size(self.group_size, owner)
-        validate_choice("method", self.method, METHODS, owner)
         if self.grid is None:
             object.__setattr__(self, "grid", DEFAULT_GRID_BY_BITS[self.bits])
         validate_choice("grid", self.grid, GRIDS, owner)
-        object.__setattr__(
-            self, "learned_scales", resolve_learned_scales(self.method, self.learned_scales, owner)
-        )
-        object.__setattr__(
-            self, "stableqat_amplitudes", validate_amplitudes(self.stableqat_amplitudes, owner)
-        )
 
     @property
     def qmin(self) -> int:
@@ -185,8 +162,3 @@ class QuantSpec:
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1
-
-    @property
-    def surrogate_amplitudes(self) -> tuple[float, ...]:
-        """Amplitudes used in the backward pass: StableQAT's, or none (plain STE) for `ste`."""
-        return self.stableqat_amplitudes if self.method == "stableqat" else ()
