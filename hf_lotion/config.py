@@ -10,7 +10,6 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .methods import (
     QatMethod,
-    build_method,
     canonical_method_name,
     method_class,
     method_names,
@@ -138,7 +137,7 @@ class LotionConfig(QuantizationConfigMixin):
     def build_method(self) -> QatMethod:
         """The QAT method with this config's options (validated)."""
         cls = method_class(self.method)
-        return build_method(self.method, **{name: getattr(self, name, None) for name in cls.option_names()})
+        return cls(**{name: getattr(self, name, None) for name in cls.option_names()})
 
     def method_options(self) -> dict[str, Any]:
         """The method's options as stored in config.json."""

@@ -18,7 +18,7 @@ from .base import (
     unregister_method,
 )
 from .full_precision import FullPrecision
-from .lotion import Lotion, RoundingNoisePenalty
+from .lotion import Lotion
 from .stableqat import StableQat
 from .ste import Ste
 
@@ -28,7 +28,6 @@ __all__ = [
     "Option",
     "Penalty",
     "QatMethod",
-    "RoundingNoisePenalty",
     "StableQat",
     "Ste",
     "build_method",

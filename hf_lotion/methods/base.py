@@ -4,6 +4,7 @@ optional penalty on the weights. The layer asks its method; nothing else compare
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -31,12 +32,14 @@ class Option:
 
 @dataclass(frozen=True)
 class Penalty:
-    """A curvature-weighted penalty `strength/2 * sum G * f(w)` that a method adds to the training loss.
+    """LOTION's rounding-noise penalty `(strength/2) sum G s^2 p (1 - p)`, added to the training loss.
 
-    Inside backward, `gradient` adds `multiplier * coefficient * G * f'(w)` to a weight's gradient, where
-    `multiplier` is the gradient that reached the loss and `coefficient` is `strength / 2` (times the
-    curvature EMA's bias correction). `G` is the per-token empirical Fisher of the layer, an EMA with decay
-    `curvature_beta`, refreshed every `curvature_every` optimizer steps (see `hf_lotion.nn.penalty`).
+    Inside backward, `gradient` adds `multiplier * coefficient * G * s (1 - 2p)` (zero on grid points, the
+    scale detached) to a weight's gradient, where `multiplier` is the gradient that reached the loss and
+    `coefficient` is `strength / 2` (times the curvature EMA's bias correction). `G` is the per-token
+    empirical Fisher of the layer, an EMA with decay `curvature_beta`, refreshed every `curvature_every`
+    optimizer steps (see `hf_lotion.nn.penalty`). Subclass and override `gradient` for another
+    curvature-weighted penalty.
     """
 
     strength: float
@@ -53,8 +56,10 @@ class Penalty:
         coefficient: float,
         multiplier: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(grad + multiplier * coefficient * G * f'(w), coefficient * sum G f(w))`."""
-        raise NotImplementedError
+        """`(grad + multiplier * coefficient * G * f'(w), coefficient * sum G f(w))`, `f = s^2 p (1 - p)`."""
+        return kernels.add_lotion_penalty_grad(
+            grad, weight, scales, curvature, spec.bits, spec.group_size, coefficient, multiplier
+        )
 
 
 class QatMethod:
@@ -123,9 +128,14 @@ class QatMethod:
             values[option.name] = list(value) if isinstance(value, tuple) else value
         return values
 
+    @functools.cached_property
+    def backward_surrogate(self) -> Surrogate | None:
+        """`surrogate()`, built once (options do not change after construction): layers read it per forward."""
+        return self.surrogate()
+
     def validate(self, owner: str) -> None:
         """Cross-option checks; raise through `invalid_value`."""
-        if self.learned_scales and self.surrogate() is None:
+        if self.learned_scales and self.backward_surrogate is None:
             invalid_value(
                 owner,
                 "learned_scales",
@@ -147,13 +157,13 @@ class QatMethod:
 
     def uses_scales(self) -> bool:
         """Whether `train_weight` reads the scales (else the layer passes None and skips computing them)."""
-        return self.surrogate() is not None
+        return self.backward_surrogate is not None
 
     def train_weight(
         self, weight: torch.Tensor, scales: torch.Tensor | None, spec: QuantSpec
     ) -> torch.Tensor:
         """The weight the train-mode forward multiplies by (differentiable in `weight` and learned `scales`)."""
-        surrogate = self.surrogate()
+        surrogate = self.backward_surrogate
         if surrogate is None:
             return weight
         return kernels.fake_quantize(weight, scales, spec.bits, spec.group_size, surrogate)

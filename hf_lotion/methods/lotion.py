@@ -10,13 +10,7 @@ from the layer's own output gradients and inputs, whose scale does not depend on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-
-from .. import kernels
 from ..quant.spec import (
-    QuantSpec,
     validate_choice,
     validate_positive_float,
     validate_positive_int,
@@ -28,39 +22,8 @@ from .base import Option, Penalty, QatMethod, register_method
 CURVATURE_ESTIMATORS = ("fisher",)
 
 
-def _lambda(name: str, value: object, owner: str) -> float:
-    return validate_positive_float(name, value, owner)
-
-
 def _curvature(name: str, value: object, owner: str) -> str:
     return validate_choice(name, value, CURVATURE_ESTIMATORS, owner)
-
-
-def _beta(name: str, value: object, owner: str) -> float:
-    return validate_unit_interval(name, value, owner)
-
-
-def _every(name: str, value: object, owner: str) -> int:
-    return validate_positive_int(name, value, owner)
-
-
-@dataclass(frozen=True)
-class RoundingNoisePenalty(Penalty):
-    """`(lambda/2) sum G s^2 p (1 - p)`, with the zero subgradient on grid points and the scale detached."""
-
-    def gradient(
-        self,
-        grad: torch.Tensor,
-        weight: torch.Tensor,
-        scales: torch.Tensor,
-        curvature: torch.Tensor,
-        spec: QuantSpec,
-        coefficient: float,
-        multiplier: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return kernels.add_lotion_penalty_grad(
-            grad, weight, scales, curvature, spec.bits, spec.group_size, coefficient, multiplier
-        )
 
 
 @register_method
@@ -69,15 +32,15 @@ class Lotion(QatMethod):
 
     name = "lotion"
     options = (
-        Option("lotion_lambda", 1.0, _lambda, "penalty strength (the paper's lambda), >= 0"),
+        Option("lotion_lambda", 1.0, validate_positive_float, "penalty strength (the paper's lambda), >= 0"),
         Option("curvature", "fisher", _curvature, "curvature estimate G: the per-token empirical Fisher"),
-        Option("curvature_beta", 0.99, _beta, "EMA decay of G, in [0, 1)"),
+        Option("curvature_beta", 0.99, validate_unit_interval, "EMA decay of G, in [0, 1)"),
         # Every 4 steps by measurement: the estimate's extra matmul made a CPU step 1.50x full precision
         # every step, 1.30x every 4 and 1.20x every 16 (benchmarks/step_time.py).
-        Option("curvature_every", 4, _every, "optimizer steps between curvature estimates"),
+        Option("curvature_every", 4, validate_positive_int, "optimizer steps between curvature estimates"),
     )
 
     def penalty(self) -> Penalty | None:
         if self.lotion_lambda == 0:
             return None
-        return RoundingNoisePenalty(self.lotion_lambda, self.curvature_beta, self.curvature_every)
+        return Penalty(self.lotion_lambda, self.curvature_beta, self.curvature_every)
