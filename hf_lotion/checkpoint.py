@@ -1,4 +1,4 @@
-"""Checks on packed checkpoints, read from safetensors headers before any weight is loaded."""
+"""Checks on checkpoint files, read from safetensors headers before any weight is loaded."""
 
 from __future__ import annotations
 
@@ -39,6 +39,27 @@ def read_safetensors_header(path: str | os.PathLike) -> dict:
     return header
 
 
+def check_checkpoint_files(files: Iterable[str | os.PathLike]) -> dict[str, dict]:
+    """The tensor entries of each safetensors file's header, by path, after checking that every file
+    (every shard) is complete and was written in a checkpoint format version this code reads.
+
+    Raises `ValueError` naming the file otherwise; nothing but the headers is read.
+    """
+    headers: dict[str, dict] = {}
+    for path in files:
+        path = os.fspath(path)
+        header = read_safetensors_header(path)
+        metadata = header.pop("__metadata__", None) or {}
+        version = metadata.get(METADATA_VERSION_KEY)
+        if version is not None and (not version.isdigit() or int(version) > FORMAT_VERSION):
+            raise ValueError(
+                f"'{path}' was written in hf-lotion checkpoint format version {version}; this hf-lotion reads "
+                f"versions up to {FORMAT_VERSION}. Upgrade hf-lotion (pip install -U hf-lotion)."
+            )
+        headers[path] = header
+    return headers
+
+
 def check_packed_checkpoint(
     files: Iterable[str],
     layers: Iterable[tuple[str, int, int]],
@@ -48,17 +69,9 @@ def check_packed_checkpoint(
     """Raise `ValueError` unless `files` hold, for every `(name, out_features, in_features)` layer, the
     packed tensors that `bits` and `group_size` imply, written by a format version this code reads."""
     tensors: dict[str, tuple[str, dict]] = {}
-    for path in files:
-        header = read_safetensors_header(path)
-        metadata = header.pop("__metadata__", None) or {}
-        version = metadata.get(METADATA_VERSION_KEY)
-        if version is not None and (not version.isdigit() or int(version) > FORMAT_VERSION):
-            raise ValueError(
-                f"'{path}' was written in hf-lotion checkpoint format version {version}; this hf-lotion reads "
-                f"versions up to {FORMAT_VERSION}. Upgrade hf-lotion (pip install -U hf-lotion)."
-            )
+    for path, header in check_checkpoint_files(files).items():
         for key, info in header.items():
-            tensors[key] = (os.fspath(path), info)
+            tensors[key] = (path, info)
     names = list(tensors)
 
     def find(key: str) -> tuple[str, dict] | None:

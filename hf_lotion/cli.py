@@ -1,12 +1,29 @@
-"""The `hf-lotion` command line: a thin layer over the library's API."""
+"""The `hf-lotion` command implementations: a thin layer over the library's API.
+
+The console script is `hf_lotion_cli.main` (a top-level module outside this package), which parses the
+command line without importing torch and imports this module only when a subcommand runs. `main` and
+`build_parser` are re-exported here, so ``python -m hf_lotion.cli`` and `hf_lotion.cli.main` keep working
+(they import the library first, as anything under `hf_lotion` does).
+
+Each ``cmd_<name>(args) -> int`` is named by a `hf_lotion_cli.Command`; see that module to add one.
+
+Example:
+
+    >>> from hf_lotion.cli import main
+    >>> main(["env"])  # doctest: +SKIP
+    hf-lotion                         0.1.0
+    ...
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import platform
 import sys
-from collections.abc import Sequence
+
+from hf_lotion_cli import build_parser, main, package_version
+
+__all__ = ["build_parser", "cmd_env", "main"]
 
 PACKAGES = (
     "torch",
@@ -20,13 +37,6 @@ PACKAGES = (
 )
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _kernel_summary(torch) -> str:
     """Which path the quantized ops take on this machine's default device, and why."""
     from hf_lotion import kernels
@@ -38,9 +48,14 @@ def _kernel_summary(torch) -> str:
         return "reference (triton is not installed)"
     if torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
-        if kernels.triton_can_run(device):
+        if not kernels.triton_can_run(device):
+            return "reference (the GPU's compute capability is below 7.0)"
+        if backend == "triton" or kernels.dispatch.KERNELS_VERIFIED_ON_GPU:
             return f"triton on CUDA ({kernels.ENV_VAR}={backend})"
-        return "reference (the GPU's compute capability is below 7.0)"
+        return (
+            f"reference ({kernels.ENV_VAR}=auto: the kernels are not yet verified on a GPU; "
+            f"{kernels.ENV_VAR}=triton opts in)"
+        )
     return f"reference on CPU ({kernels.ENV_VAR}={backend}; Triton runs on CPU only in its interpreter)"
 
 
@@ -52,7 +67,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     import hf_lotion
 
     rows = [("hf-lotion", hf_lotion.__version__), ("python", platform.python_version())]
-    rows += [(name, _version(name)) for name in PACKAGES]
+    rows += [(name, package_version(name)) for name in PACKAGES]
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
     rows += [("cuda", cuda), ("quant_method 'lotion' registered", str("lotion" in AUTO_QUANTIZER_MAPPING))]
     rows += [("kernels", _kernel_summary(torch)), ("QAT methods", ", ".join(hf_lotion.method_names()))]
@@ -60,31 +75,6 @@ def cmd_env(args: argparse.Namespace) -> int:
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hf-lotion",
-        description="Quantization-aware training (LOTION, StableQAT, STE) for Hugging Face transformers.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version('hf-lotion')}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    env = commands.add_parser("env", help="show versions, devices and registration status")
-    env.set_defaults(func=cmd_env)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    try:
-        return args.func(args)
-    except ValueError as error:  # bad user input (settings, files): the message says what and what is allowed
-        print(f"hf-lotion: error: {error}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

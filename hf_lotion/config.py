@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .checkpoint import FORMAT_VERSION
 from .methods import (
     QatMethod,
     canonical_method_name,
@@ -16,8 +18,10 @@ from .methods import (
     registered_methods,
 )
 from .quant.spec import (
+    DEFAULT_GROUP_SIZES,
     GRIDS,
     QuantSpec,
+    default_group_size,
     invalid_value,
     validate_bits,
     validate_choice,
@@ -32,7 +36,7 @@ QUANT_METHOD = "lotion"
 FORMATS = ("latent", "packed")
 # What fixes the grid a checkpoint is quantized on: these cannot change once a model is trained.
 STORAGE_FIELDS = ("bits", "group_size", "grid")
-DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 128
+DEFAULT_BITS = 4
 # Fields of every config; a method's options come on top (see `hf_lotion.methods`).
 COMMON_FIELDS = ("quant_method", "bits", "group_size", "grid", "method", "modules_to_not_convert", "format")
 
@@ -46,7 +50,9 @@ class LotionConfig(QuantizationConfigMixin):
     Args:
         bits: integer bit width of the weights, one of 2, 3, 4, 8 (`None`: 4).
         group_size: input features sharing one scale; a positive divisor of every quantized layer's
-            in_features, or -1 for one scale per output row (`None`: 128).
+            in_features, or -1 for one scale per output row. `None` resolves per model when the config is
+            applied: 128 where it divides every quantized layer's in_features, else the largest of 64/32/16
+            that does, else -1; the choice is logged and saved explicitly in the model's config.
         method: a registered QAT method (`hf_lotion.methods`): `"lotion"` (latent-weight training plus
             LOTION's rounding-noise penalty in the loss), `"stableqat"` (fake-quant forward, Fourier-surrogate
             backward), `"ste"` (fake-quant forward, straight-through backward) or `"full_precision"` (train
@@ -92,7 +98,7 @@ class LotionConfig(QuantizationConfigMixin):
             if value is not None
         )
         self.bits = DEFAULT_BITS if bits is None else bits
-        self.group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+        self.group_size = group_size
         self.method = canonical_method_name(method)
         self.grid = grid
         self.modules_to_not_convert = modules_to_not_convert
@@ -106,7 +112,8 @@ class LotionConfig(QuantizationConfigMixin):
     def post_init(self) -> None:
         """Validate every field (raising `ValueError` that names it) and resolve the `None` defaults."""
         validate_bits(self.bits)
-        validate_group_size(self.group_size)
+        if self.group_size is not None:
+            validate_group_size(self.group_size)
         self.method = canonical_method_name(self.method)
         method = self.build_method()
         for name, value in method.option_values().items():
@@ -132,7 +139,34 @@ class LotionConfig(QuantizationConfigMixin):
 
     def to_spec(self) -> QuantSpec:
         """The storage spec (bits, group size, grid) of every quantized layer."""
+        if self.group_size is None:
+            raise ValueError(
+                "LotionConfig.group_size=None is resolved per model when the config is applied "
+                "(from_pretrained or hf_lotion.prepare); call resolve_group_size(in_features) first, or set it."
+            )
         return QuantSpec(bits=self.bits, group_size=self.group_size, grid=self.grid)
+
+    def resolve_group_size(self, in_features: Iterable[int], where: str = "the model") -> int:
+        """Fix `group_size=None` for layers of these widths (`default_group_size`), logging the choice.
+
+        An explicit group size is kept as it is (a width it does not divide still raises when applied).
+        """
+        if self.group_size is None:
+            widths = sorted(set(in_features))
+            self.group_size = default_group_size(widths)
+            if self.group_size == DEFAULT_GROUP_SIZES[0]:
+                logger.info("LotionConfig.group_size=None resolved to %d for %s.", self.group_size, where)
+            else:
+                kind = "one scale per row" if self.group_size == -1 else f"{self.group_size}"
+                logger.warning(
+                    "LotionConfig.group_size=None resolved to %s for %s: %d does not divide every quantized "
+                    "layer's in_features (%s). The choice is saved in the config; set group_size to override.",
+                    kind,
+                    where,
+                    DEFAULT_GROUP_SIZES[0],
+                    ", ".join(str(w) for w in widths[:8]) + (", ..." if len(widths) > 8 else ""),
+                )
+        return self.group_size
 
     def build_method(self) -> QatMethod:
         """The QAT method with this config's options (validated)."""
@@ -190,8 +224,26 @@ class LotionConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
-        """Build from config.json, reading what earlier versions wrote (options of every method, `"rtn"`)."""
-        return super().from_dict(_upgrade_saved(dict(config_dict)), return_unused_kwargs, **kwargs)
+        """Build from a saved config (config.json's `quantization_config`), written by any hf-lotion.
+
+        Earlier versions' configs are upgraded (options of every method, `"rtn"`). Later versions' configs
+        load as long as this version reads what their tensors mean:
+
+        * Storage fields decide what the checkpoint's tensors mean: `bits`, `group_size`, `grid` (levels and
+          scale rule), `format` (latent weights or packed integers, and their layout) and
+          `modules_to_not_convert` (which layers hold quantized tensors). They are validated as in
+          `__init__`, never ignored: a `format` this version does not know, or a `format_version` above
+          `hf_lotion.checkpoint.FORMAT_VERSION`, raises `ValueError` asking to upgrade hf-lotion. A release
+          that adds a storage field (another scale kind, zero points, ...) must bump the format version, in
+          config.json's `format_version` (not written today: absent means 1) and in the safetensors metadata
+          (`hf_lotion_format_version`, checked for every file at load), so this one refuses it.
+        * Any other key this version does not know can only be a training option (of a newer release, or
+          of a method this version does not have): it is ignored with one warning that names it.
+
+        Only saved configs are read leniently: `LotionConfig(...)` in code still refuses unknown keys.
+        """
+        data = _drop_unknown_saved_keys(_upgrade_saved(dict(config_dict)))
+        return super().from_dict(data, return_unused_kwargs, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         data = {name: copy.deepcopy(getattr(self, name)) for name in COMMON_FIELDS}
@@ -230,6 +282,33 @@ def _refuse_unknown_keys(method: str, kwargs: dict[str, Any], options: tuple[str
         f"LotionConfig got unknown keys {unknown}; allowed keys for method={method!r}: {allowed} "
         f"(methods: {list(method_names())})."
     )
+
+
+def _drop_unknown_saved_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a saved config of a newer storage format; drop (and name, in a warning) keys not known here."""
+    upgrade = "It was written by a newer hf-lotion: upgrade hf-lotion (pip install -U hf-lotion)."
+    version = data.pop("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(
+            f"LotionConfig.format_version={version!r} is not supported; allowed: an integer from 1 to "
+            f"{FORMAT_VERSION}. {upgrade}"
+        )
+    if data.get("format", "latent") not in FORMATS:
+        raise ValueError(
+            f"LotionConfig.format={data['format']!r} is not supported; allowed: one of {FORMATS}. {upgrade}"
+        )
+    method = data.get("method", "lotion")
+    if not isinstance(method, str) or method not in method_names():
+        return data  # the constructor reports the unknown method
+    unknown = sorted(set(data) - {*COMMON_FIELDS, *method_class(method).option_names()})
+    if unknown:
+        logger.warning(
+            "Ignoring keys %s of a saved LotionConfig (method=%r): this hf-lotion does not know them. They are "
+            "training options of a newer release or of another method, which do not change the stored tensors.",
+            unknown,
+            method,
+        )
+    return {key: value for key, value in data.items() if key not in unknown}
 
 
 def _upgrade_saved(data: dict[str, Any]) -> dict[str, Any]:

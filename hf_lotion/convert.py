@@ -9,7 +9,7 @@ from torch import nn
 from .config import LotionConfig
 from .nn.packed_linear import PackedLinear
 from .nn.penalty import remove_penalty
-from .nn.replace import lotion_layers
+from .nn.replace import full_precision_summary, lotion_layers
 
 logger = logging.getLogger(__name__)
 
@@ -47,5 +47,13 @@ def convert(model: nn.Module) -> nn.Module:
         quantizer = getattr(model, "hf_quantizer", None)
         if quantizer is not None:
             quantizer.quantization_config = packed
-    logger.info("Packed %d layers.", len(layers))
+    packed_params = sum(layer.weight.numel() for _, layer in layers)
+    quantizer = getattr(model, "hf_quantizer", None)
+    excluded = getattr(quantizer, "modules_to_not_convert", None)
+    logger.info(
+        "Packed %d layers (%s parameters). %s",
+        len(layers),
+        f"{packed_params:,}",
+        full_precision_summary(model, excluded),
+    )
     return model

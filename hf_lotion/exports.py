@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .nn.packed_linear import PackedLinear
+
+logger = logging.getLogger(__name__)
+
+# What vLLM's compressed-tensors WNA16 scheme (Marlin kernels) serves. Every setting hf_lotion packs
+# (bits 2, 3, 4, 8; any group size) loads in transformers + compressed-tensors, so others still export.
+VLLM_SUPPORTED_BITS = (4, 8)
+VLLM_SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)  # -1: one scale per output row (strategy "channel")
 
 
 def compressed_tensors_config(model: nn.Module) -> dict[str, Any]:
@@ -49,6 +57,38 @@ def compressed_tensors_config(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _warn_if_vllm_cannot_serve(bits: int, group_size: int) -> None:
+    unserved = []
+    if bits not in VLLM_SUPPORTED_BITS:
+        unserved.append(f"num_bits={bits} (vLLM serves num_bits {', '.join(map(str, VLLM_SUPPORTED_BITS))})")
+    if group_size not in VLLM_SUPPORTED_GROUP_SIZES:
+        served = ", ".join("-1 (per channel)" if g == -1 else str(g) for g in VLLM_SUPPORTED_GROUP_SIZES)
+        unserved.append(f"group_size={group_size} (vLLM serves group_size {served})")
+    if unserved:
+        logger.warning(
+            "vLLM's compressed-tensors WNA16 kernels will not serve this export: %s. "
+            "transformers with the compressed-tensors package still loads it.",
+            " and ".join(unserved),
+        )
+
+
+def _check_replaceable(target: Path) -> None:
+    """Refuse a target that export would clobber but that is not a checkpoint (before anything is written)."""
+    allowed = "a new path, an empty directory, or a directory holding a checkpoint (with a config.json)"
+    if target.is_symlink():
+        # Renaming would replace the link, not the folder it points to.
+        raise ValueError(f"save_directory '{target}' is a symbolic link; allowed: {allowed}.")
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ValueError(f"save_directory '{target}' exists and is not a directory; allowed: {allowed}.")
+    if any(target.iterdir()) and not (target / "config.json").is_file():
+        raise ValueError(
+            f"save_directory '{target}' is a non-empty directory without a config.json, so not a checkpoint "
+            f"export may replace; allowed: {allowed}."
+        )
+
+
 def export_compressed_tensors(
     model: PreTrainedModel, save_directory: str | os.PathLike, max_shard_size: str | int = "5GB"
 ) -> Path:
@@ -56,12 +96,23 @@ def export_compressed_tensors(
 
     The packed layers already use compressed-tensors' bit layout, so this renames each packed `weight` to
     `weight_packed` and rewrites the config: plain transformers with the `compressed-tensors` package
-    loads the result without hf_lotion. Files are written to a temporary folder and moved into place at
-    the end, so an interrupted export leaves no half-written checkpoint.
+    loads the result without hf_lotion. Every (bits, group_size) loads there, but vLLM serves only
+    `VLLM_SUPPORTED_BITS` (4, 8) with `VLLM_SUPPORTED_GROUP_SIZES` (-1 per channel, 32, 64, 128): any
+    other setting exports with a logged warning naming it.
+
+    The export replaces `save_directory` as a whole and atomically: the checkpoint is written to a
+    hidden folder beside it, the old folder is renamed aside, the new one renamed into place, and the old
+    one deleted. Readers see the old checkpoint or the new one (or, for the instant between the two
+    renames, none), never a mix such as stale shards; on any failure the old folder is restored untouched. Allowed targets: a path that does not exist, an
+    empty directory, or a directory holding a checkpoint (it has a `config.json`); anything else in it,
+    a tokenizer for example, is replaced too, so save the tokenizer after exporting. A file, a symbolic
+    link, or a non-empty directory without `config.json` is refused with a ValueError before anything is
+    written.
 
     Example:
         >>> hf_lotion.convert(model)  # doctest: +SKIP
-        >>> hf_lotion.export_compressed_tensors(model, "out-ct")  # doctest: +SKIP
+        >>> hf_lotion.export_compressed_tensors(model, "out-ct", max_shard_size="2GB")  # doctest: +SKIP
+        PosixPath('out-ct')
     """
     if not isinstance(model, PreTrainedModel):
         raise ValueError(
@@ -72,10 +123,12 @@ def export_compressed_tensors(
             "export_compressed_tensors() needs a converted model: call hf_lotion.convert(model) first."
         )
     quantization_config = compressed_tensors_config(model)
-    target = Path(save_directory)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"save_directory '{target}' exists and is not a directory.")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    given = Path(save_directory)
+    # Absolute, so that "." or "out/.." still has a name and a parent folder to stage beside.
+    target = Path(os.path.abspath(given))
+    _check_replaceable(target)
+    layer = next(m for m in model.modules() if isinstance(m, PackedLinear))
+    _warn_if_vllm_cannot_serve(layer.bits, layer.group_size)
 
     packed_names = {name for name, m in model.named_modules() if isinstance(m, PackedLinear)}
     state_dict = {
@@ -86,19 +139,44 @@ def export_compressed_tensors(
         ): value
         for key, value in model.state_dict().items()
     }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Beside the target, so that both renames stay on one file system (atomic). os.mkdir, unlike
+    # tempfile.mkdtemp (mode 0700), gives the folder the permissions of any folder the user creates.
+    staging = target.parent / f".{target.name}.export-{uuid.uuid4().hex[:12]}"
+    backup = staging.with_name(f"{staging.name}.old")
+    os.mkdir(staging)
     saved_quantizer = model.hf_quantizer
     saved_config = model.config.quantization_config
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        # Without a quantizer attached, save_pretrained writes the given state dict and config as they are.
-        model.hf_quantizer = None
-        model.config.quantization_config = quantization_config
-        model.save_pretrained(staging, state_dict=state_dict, max_shard_size=max_shard_size)
-        target.mkdir(exist_ok=True)
-        for file in staging.iterdir():
-            os.replace(file, target / file.name)
+        try:
+            # Without a quantizer attached, save_pretrained writes the given state dict and config as is.
+            model.hf_quantizer = None
+            model.config.quantization_config = quantization_config
+            model.save_pretrained(staging, state_dict=state_dict, max_shard_size=max_shard_size)
+        finally:
+            model.hf_quantizer = saved_quantizer
+            model.config.quantization_config = saved_config
+        had_target = target.exists()
+        if had_target:
+            os.rename(target, backup)
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            if had_target:
+                try:
+                    os.rename(backup, target)
+                except OSError:
+                    logger.error(
+                        "Export failed and the previous export could not be restored: it is at '%s'.", backup
+                    )
+            raise
     finally:
-        model.hf_quantizer = saved_quantizer
-        model.config.quantization_config = saved_config
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap
+    if had_target:
+        try:
+            shutil.rmtree(backup)
+        except OSError as error:
+            logger.warning(
+                "Exported to '%s' but could not delete the previous export at '%s': %s", target, backup, error
+            )
+    return given

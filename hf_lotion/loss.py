@@ -78,7 +78,10 @@ def anchor_model_loss(runtime, model: nn.Module, kwargs: dict[str, Any], output:
     if loss is None:
         return output
     num_items = kwargs.get("num_items_in_batch")
-    share = None if num_items is None else tokens / torch.as_tensor(num_items, device=tokens.device)
+    share = None
+    if num_items is not None:
+        # nn.DataParallel (several GPUs without torchrun): Trainer passes `(n_gpu, 1)` copies of the count.
+        share = tokens / torch.as_tensor(num_items, device=tokens.device).reshape(-1)[0]
     return _replace_loss(output, runtime.anchor_loss(loss, context, tokens, share))
 
 

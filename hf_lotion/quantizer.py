@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -15,13 +16,25 @@ from transformers.quantizers.auto import (
     AutoHfQuantizer,
 )
 
-from .checkpoint import FORMAT_VERSION, METADATA_FORMAT_KEY, METADATA_VERSION_KEY, check_packed_checkpoint
+from .checkpoint import (
+    FORMAT_VERSION,
+    METADATA_FORMAT_KEY,
+    METADATA_VERSION_KEY,
+    check_checkpoint_files,
+    check_packed_checkpoint,
+)
 from .config import QUANT_METHOD, LotionConfig
 from .loss import anchor_model_loss
 from .nn.packed_linear import PackedLinear
 from .nn.penalty import PenaltyRuntime, install_penalty
 from .nn.qat_linear import LotionLinear
-from .nn.replace import check_layers, lotion_layers, quantizable_linears, replace_linear_layers
+from .nn.replace import (
+    check_layers,
+    check_not_tied,
+    lotion_layers,
+    quantizable_linears,
+    replace_linear_layers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +44,8 @@ class LotionHfQuantizer(HfQuantizer):
 
     * format "latent": `LotionLinear`, which keeps the `weight`/`bias` names, so a float or latent
       checkpoint loads with no conversion step. Learned scales that the checkpoint does not have (first
-      quantization of a float model) are derived from the loaded weights.
+      quantization of a float model) are derived from the loaded weights. The safetensors headers are
+      checked first (complete files, a format version this code reads).
     * format "packed": `PackedLinear`, whose buffers carry the checkpoint's names and shapes, so no float
       weight is ever materialised. The checkpoint's headers are checked first (complete files, a format
       version this code reads, every packed tensor present with the shape the config implies).
@@ -41,7 +55,8 @@ class LotionHfQuantizer(HfQuantizer):
     quantization_config: LotionConfig
 
     def __init__(self, quantization_config: LotionConfig, **kwargs: Any) -> None:
-        super().__init__(quantization_config, **kwargs)
+        # A copy: resolving defaults per model (group_size) must not change the caller's config object.
+        super().__init__(copy.deepcopy(quantization_config), **kwargs)
         self.modules_to_not_convert: list[str] = []
 
     def _process_model_before_weight_loading(
@@ -54,6 +69,11 @@ class LotionHfQuantizer(HfQuantizer):
         if config.format == "packed":
             self._build_packed_layers(model, checkpoint_files or [])
             return
+        # Every shard's header, before any weight is read: a truncated or corrupted file (or one of a newer
+        # format version) gets a ValueError naming it instead of safetensors' error naming no file.
+        check_checkpoint_files(f for f in checkpoint_files or () if f.endswith(".safetensors"))
+        layers = quantizable_linears(model, self.modules_to_not_convert)
+        config.resolve_group_size((m.in_features for _, m in layers), type(model).__name__)
         method = config.build_method()
         replace_linear_layers(model, config.to_spec(), method, self.modules_to_not_convert)
         if method.learned_scales and not self.pre_quantized:
@@ -69,6 +89,7 @@ class LotionHfQuantizer(HfQuantizer):
                 "format='latent' (the default) and call hf_lotion.convert(model) after training."
             )
         layers = quantizable_linears(model, self.modules_to_not_convert)
+        check_not_tied(model, layers)
         check_layers(layers, config.to_spec(), check_values=False)
         shapes = [(name, m.out_features, m.in_features) for name, m in layers]
         check_packed_checkpoint(checkpoint_files, shapes, config.bits, config.group_size)
@@ -155,7 +176,8 @@ def _merge_quantization_configs(original):
             saved = LotionConfig.from_dict(saved)
         if isinstance(saved, LotionConfig) and isinstance(quantization_config_from_args, LotionConfig):
             return saved.merged_for_reload(quantization_config_from_args)
-        return original.__func__(cls, quantization_config, quantization_config_from_args)
+        # The parsed config, not the dict: parsing twice would repeat from_dict's warnings.
+        return original.__func__(cls, saved, quantization_config_from_args)
 
     merge.hf_lotion_original = original
     return classmethod(merge)
@@ -201,6 +223,9 @@ def prepare(model: nn.Module, config: LotionConfig | None = None) -> nn.Module:
             "hf_lotion.convert(model)."
         )
     if not isinstance(model, PreTrainedModel):
+        config = copy.deepcopy(config)  # defaults resolve per model; the caller's object stays as it was
+        layers = quantizable_linears(model, config.modules_to_not_convert)
+        config.resolve_group_size((m.in_features for _, m in layers), type(model).__name__)
         replace_linear_layers(model, config.to_spec(), config.build_method(), config.modules_to_not_convert)
         install_lotion_penalty(model, config)
         return model
@@ -210,11 +235,15 @@ def prepare(model: nn.Module, config: LotionConfig | None = None) -> nn.Module:
             "prepare() takes a full-precision model."
         )
     quantizer = LotionHfQuantizer(config, pre_quantized=False)
+    config = quantizer.quantization_config  # the quantizer's own copy, saved with the model
     skipped = quantizer.get_modules_to_not_convert(
         model, config.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None)
     )
     # Validate before the quantizer touches anything (from_pretrained can only check values after loading).
-    check_layers(quantizable_linears(model, skipped), config.to_spec())
+    layers = quantizable_linears(model, skipped)
+    check_not_tied(model, layers)
+    config.resolve_group_size((m.in_features for _, m in layers), type(model).__name__)
+    check_layers(layers, config.to_spec())
     quantizer.preprocess_model(model)
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)

@@ -1,5 +1,7 @@
 """Run by test_distributed.py under `torchrun --nproc_per_node 2`: one LOTION step with plain `transformers.Trainer`.
 
+Arguments: the output folder, and `true`/`false` for `TrainingArguments.average_tokens_across_devices`.
+
 Each rank writes its weights after the step, its curvature state and the batches it trained on to
 `<out>/rank<r>.safetensors`.
 """
@@ -24,13 +26,20 @@ from test_lotion_in_graph import lotion_model, token_ids
 from hf_lotion.trainer.recipes import CausalLMBlocks
 
 
-def main(out: str) -> None:
+def main(out: str, average_tokens_across_devices: bool) -> None:
     torch.set_num_threads(1)
     model = lotion_model()
     seen, _ = record_batches(model)
     # 2 ranks x 2 micro-batches x 4 = the 16 examples of one step
     args = TrainingArguments(
-        **(training_kwargs(out) | {"gradient_accumulation_steps": 2, "ddp_backend": "gloo"})
+        **(
+            training_kwargs(out)
+            | {
+                "gradient_accumulation_steps": 2,
+                "ddp_backend": "gloo",
+                "average_tokens_across_devices": average_tokens_across_devices,
+            }
+        )
     )
     trainer = Trainer(model=model, args=args, train_dataset=CausalLMBlocks(token_ids()))
     assert trainer.args.world_size == 2, trainer.args.world_size
@@ -44,4 +53,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] == "true")

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
+import hf_lotion
 from hf_lotion import LotionConfig, QuantSpec
 
 
@@ -195,10 +199,87 @@ def test_bad_values_raise_value_error_naming_field(kwargs, message):
         LotionConfig(**kwargs)
 
 
-def test_unknown_key_in_saved_config_is_refused():
-    data = LotionConfig().to_dict() | {"weights": "int4"}
-    with pytest.raises(ValueError, match=r"unknown keys \['weights'\]"):
-        LotionConfig.from_dict(data)
+SAVED = {
+    "latent": LotionConfig(bits=3, group_size=32, lotion_lambda=2.0, modules_to_not_convert=["lm_head"]),
+    "packed": LotionConfig(bits=3, group_size=32, method="stableqat").packed(),
+}
+
+
+@pytest.mark.parametrize(
+    "format,extra",
+    [
+        ("latent", {"lotion_warmup_steps": 100}),  # a training option of a newer release
+        ("latent", {"hadamard_blocks": 64, "muon_beta": 0.9}),  # options of methods this version lacks
+        ("packed", {"lotion_warmup_steps": 100}),
+    ],
+    ids=["latent-newer-option", "latent-other-methods-options", "packed-newer-option"],
+)
+def test_unknown_keys_in_saved_config_warn_and_are_ignored(format, extra, caplog):
+    known = json.loads(json.dumps(SAVED[format].to_dict()))
+    with caplog.at_level(logging.WARNING, logger="hf_lotion.config"):
+        config = LotionConfig.from_dict(known | extra)
+    assert config.to_dict() == known and config == SAVED[format]
+    warnings = [r for r in caplog.records if r.name == "hf_lotion.config"]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert str(sorted(extra)) in warnings[0].getMessage()
+    with pytest.raises(ValueError, match=r"unknown keys"):  # in code, a wrong option is still an error
+        LotionConfig(**known, **extra)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            {"format_version": 2},
+            r"LotionConfig\.format_version=2 is not supported; allowed: an integer from 1 to 1\. .*"
+            r"upgrade hf-lotion",
+        ),
+        ({"format_version": "1"}, r"LotionConfig\.format_version='1' .* upgrade hf-lotion"),
+        (
+            {"format": "packed_v2"},
+            r"LotionConfig\.format='packed_v2' is not supported; allowed: one of \('latent', 'packed'\)\. .*"
+            r"upgrade hf-lotion",
+        ),
+        ({"bits": 5}, r"LotionConfig\.bits=5 is not supported"),  # storage fields are never ignored
+        ({"grid": "nf4"}, r"LotionConfig\.grid='nf4' is not supported"),
+    ],
+    ids=["newer-format-version", "format-version-not-int", "unknown-format", "bad-bits", "unknown-grid"],
+)
+def test_saved_config_of_a_newer_storage_format_is_refused(extra, message):
+    with pytest.raises(ValueError, match=message):
+        LotionConfig.from_dict(LotionConfig().to_dict() | extra)
+
+
+def test_saved_config_at_this_format_version_loads():
+    assert LotionConfig.from_dict(SAVED["latent"].to_dict() | {"format_version": 1}) == SAVED["latent"]
+
+
+@pytest.mark.parametrize("format", ["latent", "packed"])
+def test_checkpoint_whose_config_has_an_unknown_key_loads_and_warns(
+    format, tiny_checkpoint, tmp_path, caplog
+):
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_checkpoint("llama"), quantization_config=LotionConfig(bits=4, group_size=16)
+    )
+    if format == "packed":
+        hf_lotion.convert(model)
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    config = json.loads(config_file.read_text())
+    saved = dict(config["quantization_config"])
+    config["quantization_config"]["lotion_warmup_steps"] = 100
+    config_file.write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="hf_lotion.config"):
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config.quantization_config.to_dict() == saved
+    layer = {"latent": hf_lotion.LotionLinear, "packed": hf_lotion.PackedLinear}[format]
+    assert isinstance(reloaded.model.layers[0].mlp.up_proj, layer)
+    assert torch.equal(
+        reloaded.state_dict()["model.layers.0.mlp.up_proj.weight"],
+        model.state_dict()["model.layers.0.mlp.up_proj.weight"],
+    )
+    warnings = [r for r in caplog.records if r.name == "hf_lotion.config"]
+    assert len(warnings) == 1 and "['lotion_warmup_steps']" in warnings[0].getMessage()
 
 
 def test_zero_amplitude_is_allowed_and_is_ste():

@@ -26,11 +26,14 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ddp_step_is_the_reference_lotion_step_over_both_ranks(tmp_path):
+@pytest.mark.parametrize("average_tokens", [True, False], ids=["global-token-count", "local-token-count"])
+def test_ddp_step_is_the_reference_lotion_step_over_both_ranks(tmp_path, average_tokens):
+    """Also with `average_tokens_across_devices=False` (each rank divides by its own tokens, DDP averages
+    the gradients): the curvature must not come out short by the world size."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        WORKER, str(tmp_path),
+        WORKER, str(tmp_path), "true" if average_tokens else "false",
     ]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)

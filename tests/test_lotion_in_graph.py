@@ -186,6 +186,32 @@ def test_curvature_is_the_same_under_accumulation_and_loss_scaling():
         assert torch.equal(scaled[name], g), name
 
 
+@pytest.mark.parametrize(
+    ("shape", "reduce"),
+    [pytest.param((1, 1), "sum", id="data-parallel-replica"), pytest.param((2, 1), "mean", id="unscattered")],
+)
+def test_num_items_as_data_parallel_passes_it_gives_the_scalar_step(shape, reduce):
+    """nn.DataParallel (several GPUs, no torchrun): Trainer expands the token count to `(n_gpu, 1)` copies,
+    so a replica's loss is `(1, 1)`, or `(n_gpu, 1)` copies when the module runs unscattered, and the
+    trainer averages them. LOTION's step (gradient, penalty, curvature) equals the scalar count's."""
+    ids = token_ids(4)
+    count = torch.tensor(4 * (SEQ - 1) * 2)  # as if this were half of the step's tokens
+    results = []
+    for num_items, reduction in ((count, "sum"), (count.reshape(1, 1).expand(*shape), reduce)):
+        model = lotion_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        loss = model(input_ids=ids, labels=ids, num_items_in_batch=num_items).loss
+        getattr(loss, reduction)().backward()
+        penalty = hf_lotion.penalty_runtime(model).pop_penalty()
+        optimizer.step()
+        results.append((latent(model), hf_lotion.penalty_runtime(model).ema, penalty))
+    (weights, ema, penalty), (dp_weights, dp_ema, dp_penalty) = results
+    assert penalty > 0 and dp_penalty == penalty
+    for name in weights:
+        assert torch.equal(dp_weights[name], weights[name]), name
+        assert torch.equal(dp_ema[name], ema[name]), name
+
+
 def test_curvature_every_k_steps_and_bias_corrected_ema():
     model = lotion_model(curvature_every=2, curvature_beta=0.5)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)

@@ -78,15 +78,16 @@ def test_the_new_method_trains_with_its_own_surrogate(toy_method):
         captured["out"].retain_grad()
         loss.backward()
         if step == 0:
-            # By hand: dL/dw = (dL/dy)^T x * g(w / s) inside the clip range, g the clipped surrogate.
+            # By hand: dL/dw = (dL/dy)^T x * g(w / s) where v rounds into the range, g the clipped surrogate.
             dy, x = captured["out"].grad, captured["x"]
             upstream = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])
             w = layer.weight.detach()
             s = w.reshape(w.shape[0], -1, 32).abs().amax(-1, keepdim=True) / 3.5
             v = w.reshape(w.shape[0], -1, 32) / s
-            g = (1.0 - 1.5 * (v - torch.round(v)).abs()).clamp_min(0.0) * ((v >= -4) & (v <= 3))
+            window = (v >= -4.5) & (v <= 3.5 + 1e-6)  # the absmax element sits at 3.5 (full grid)
+            g = (1.0 - 1.5 * (v - torch.round(v)).abs()).clamp_min(0.0) * window
             torch.testing.assert_close(layer.weight.grad, upstream * g.reshape(w.shape), rtol=1e-5, atol=1e-8)
-            ste = upstream * ((v >= -4) & (v <= 3)).reshape(w.shape)
+            ste = upstream * window.reshape(w.shape)
             assert not torch.allclose(layer.weight.grad, ste)
         optimizer.step()
         optimizer.zero_grad()

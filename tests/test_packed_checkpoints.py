@@ -1,12 +1,12 @@
-"""convert -> save -> reload bit-exact, sizes on disk, compressed-tensors export, and broken checkpoints."""
+"""convert -> save -> reload bit-exact, sizes on disk, and broken checkpoints (export: test_exports.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -73,6 +73,25 @@ def test_sharded_packed_checkpoint_reloads(tiny_checkpoint, input_ids, tmp_path)
         assert torch.equal(reloaded(input_ids).logits, model(input_ids).logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_converted_bias_is_a_trainable_copy_like_the_reloaded_one(dtype, tiny_checkpoint, tmp_path):
+    model = qat_model(tiny_checkpoint("qwen2", dtype), dtype, bits=4, group_size=16)
+    qat_biases = {
+        name: layer.bias for name, layer in hf_lotion.lotion_layers(model) if layer.bias is not None
+    }
+    assert qat_biases  # qwen2's q/k/v projections have biases
+    values = {name: bias.detach().clone() for name, bias in qat_biases.items()}
+    hf_lotion.convert(model)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+    for name, qat_bias in qat_biases.items():
+        converted, loaded = model.get_submodule(name).bias, reloaded.get_submodule(name).bias
+        assert qat_bias.requires_grad and converted is not qat_bias  # from_qat leaves its source alone
+        assert converted.requires_grad and loaded.requires_grad, name
+        assert converted.dtype == loaded.dtype == dtype
+        assert torch.equal(converted, values[name]) and torch.equal(loaded, values[name])
+
+
 def test_packed_size_on_disk_4bit_group128(tmp_path):
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -123,32 +142,6 @@ def test_convert_leaves_the_callers_config_alone_and_saves_storage_fields_only(t
     assert hf_lotion.penalty_runtime(other).penalty.strength == 3.0
 
 
-def test_compressed_tensors_export_loads_without_hf_lotion(tiny_checkpoint, input_ids, tmp_path):
-    pytest.importorskip("compressed_tensors")
-    model = qat_model(tiny_checkpoint("llama"), bits=4, group_size=32, method="ste")
-    hf_lotion.convert(model)
-    with torch.no_grad():
-        expected = model(input_ids).logits
-    out = hf_lotion.export_compressed_tensors(model, tmp_path / "ct")
-    config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert config["format"] == "pack-quantized" and config["ignore"] == ["lm_head"]
-    assert config["config_groups"]["group_0"]["weights"]["group_size"] == 32
-    assert model.config.quantization_config.format == "packed" and model.hf_quantizer is not None  # restored
-    torch.save(input_ids, tmp_path / "ids.pt")
-    code = textwrap.dedent(f"""
-        import sys, torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(out)!r})
-        assert "hf_lotion" not in sys.modules
-        with torch.no_grad():
-            torch.save(model(torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(tmp_path / "ct.pt")!r})
-    """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    # compressed-tensors dequantizes to dense s * q, the same single rounding as ours: exact equality.
-    assert torch.equal(torch.load(tmp_path / "ct.pt"), expected)
-
-
 def test_packed_checkpoint_without_hf_lotion_fails_loudly(tiny_checkpoint, tmp_path):
     packed_checkpoint(tmp_path, tiny_checkpoint)
     code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})"
@@ -166,16 +159,32 @@ def rewrite(path, tensors=None, metadata=None, drop=()):
     save_file(data, path, metadata=meta | (metadata or {}))
 
 
-def test_truncated_file_is_refused(tiny_checkpoint, tmp_path):
-    packed_checkpoint(tmp_path, tiny_checkpoint)
-    file = tmp_path / "model.safetensors"
+def saved_checkpoint(path, tiny_checkpoint, format, **save_kwargs):
+    """A tiny lotion checkpoint in `format` ("latent": as trained, "packed": after convert)."""
+    model = qat_model(tiny_checkpoint("llama"), bits=4, group_size=16)
+    if format == "packed":
+        hf_lotion.convert(model)
+    model.save_pretrained(path, **save_kwargs)
+    return model
+
+
+@pytest.mark.parametrize("shards", ["one-file", "sharded"])
+@pytest.mark.parametrize("format", ["latent", "packed"])
+def test_truncated_file_is_refused(format, shards, tiny_checkpoint, tmp_path):
+    saved_checkpoint(
+        tmp_path, tiny_checkpoint, format, **({"max_shard_size": "20KB"} if shards == "sharded" else {})
+    )
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert (len(files) > 2) == (shards == "sharded")
+    file = files[len(files) // 2]  # a shard in the middle: every shard is checked, not the first one only
     os.truncate(file, file.stat().st_size - 100)
-    with pytest.raises(ValueError, match=r"model\.safetensors' is truncated or corrupted"):
+    with pytest.raises(ValueError, match=rf"{re.escape(file.name)}' is truncated or corrupted"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
-def test_corrupted_header_is_refused(tiny_checkpoint, tmp_path):
-    packed_checkpoint(tmp_path, tiny_checkpoint)
+@pytest.mark.parametrize("format", ["latent", "packed"])
+def test_corrupted_header_is_refused(format, tiny_checkpoint, tmp_path):
+    saved_checkpoint(tmp_path, tiny_checkpoint, format)
     file = tmp_path / "model.safetensors"
     raw = bytearray(file.read_bytes())
     raw[8:24] = b"\xff" * 16
@@ -204,8 +213,9 @@ def test_config_that_disagrees_with_tensors_is_refused(field, value, tiny_checkp
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
-def test_newer_format_version_is_refused(tiny_checkpoint, tmp_path):
-    packed_checkpoint(tmp_path, tiny_checkpoint)
+@pytest.mark.parametrize("format", ["latent", "packed"])
+def test_newer_format_version_is_refused(format, tiny_checkpoint, tmp_path):
+    saved_checkpoint(tmp_path, tiny_checkpoint, format)
     rewrite(tmp_path / "model.safetensors", metadata={"hf_lotion_format_version": "2"})
     with pytest.raises(ValueError, match=r"format version 2; this hf-lotion reads versions up to 1"):
         AutoModelForCausalLM.from_pretrained(tmp_path)

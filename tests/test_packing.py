@@ -72,7 +72,9 @@ def test_packed_linear_equals_eval_mode_qat_linear(bits, group_size, dtype):
     assert torch.equal(packed.dequantized_weight(), qat.deploy_weight())
     assert packed.weight.dtype == torch.int32 and packed.weight_scale.dtype == dtype
     assert packed.weight_shape.tolist() == [13, 96]
-    assert not any(p.requires_grad for p in packed.parameters())
+    # Integers and scales are buffers; the bias is a trainable copy, and the QAT layer keeps its own.
+    assert [name for name, p in packed.named_parameters() if p.requires_grad] == ["bias"]
+    assert qat.bias.requires_grad and packed.bias is not qat.bias
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8], ids=lambda b: f"{b}bit")

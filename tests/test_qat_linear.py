@@ -94,7 +94,11 @@ def test_eval_mode_gradient_is_straight_through():
     layer = make_layer("lotion").eval()
     x = torch.randn(4, 48, requires_grad=True)
     layer(x).sum().backward()
-    assert layer.weight.grad is not None and x.grad is not None
+    # Through round-to-nearest as the identity (every weight rounds into the range under absmax scales):
+    # d sum(x W_hat^T) / dW = 1 x^T summed over the batch; d / dx = the deploy weight's column sums.
+    expected_weight_grad = x.detach().sum(dim=0).expand(layer.out_features, -1)
+    torch.testing.assert_close(layer.weight.grad, expected_weight_grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, layer.deploy_weight().sum(dim=0).expand(4, -1), rtol=1e-6, atol=1e-6)
 
 
 def test_prepare_plain_module_and_quantized_equals_fake_quant():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_config
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 import hf_lotion
@@ -252,6 +252,34 @@ def test_trainer_with_torch_compile_trains_and_evaluates_like_eager(tmp_path, me
             latent = model(**batch_of(evals, 8)).loss.item()
     assert metrics["eval_loss"] == pytest.approx(quantized, rel=1e-5)
     assert metrics["eval_latent_loss"] == pytest.approx(latent, rel=1e-5)
+
+
+@pytest.mark.parametrize("plugin", ["deepspeed_plugin", "fsdp_plugin"])
+@pytest.mark.parametrize("method", ["lotion", "ste"])
+def test_sharding_enabled_by_an_accelerate_config_is_refused_for_lotion(
+    tmp_path, monkeypatch, plugin, method
+):
+    """`accelerate launch` with a DeepSpeed/FSDP config enables it in the accelerator's state while
+    `args.deepspeed` and `args.fsdp` stay unset: the refusal must follow what the accelerator enabled."""
+    original = Trainer.create_accelerator_and_postprocess
+
+    def with_plugin(self):
+        original(self)
+        # What Trainer derives from the accelerator's state after `accelerate launch --config_file ...`.
+        self.is_deepspeed_enabled = plugin == "deepspeed_plugin"
+        self.is_fsdp_enabled = plugin == "fsdp_plugin"
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", with_plugin)
+    args = training_args(tmp_path)
+    assert not args.deepspeed and not args.fsdp
+    name = "DeepSpeed" if plugin == "deepspeed_plugin" else "FSDP"
+    if method == "lotion":
+        with pytest.raises(
+            ValueError, match=rf"does not support {name} \(enabled through TrainingArguments or an accelerate"
+        ):
+            LotionTrainer(model=lotion_model(method=method), args=args)
+    else:  # STE has no penalty state: nothing to refuse
+        LotionTrainer(model=lotion_model(method=method), args=args)
 
 
 def test_trainer_refuses_a_packed_model(tmp_path):

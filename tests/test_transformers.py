@@ -11,7 +11,7 @@ import torch
 from conftest import build_tiny_model
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
 
 import hf_lotion
 from hf_lotion import LotionConfig, LotionLinear
@@ -169,10 +169,42 @@ def test_gpt2_conv1d_is_skipped_with_a_warning_naming_the_layers(tiny_checkpoint
     path = tiny_checkpoint("gpt2")
     with caplog.at_level(logging.WARNING, logger="hf_lotion"):
         model = load(path, group_size=16)
-    assert "Conv1D layers stay in full precision" in caplog.text
-    assert "transformer.h.0.attn.c_attn" in caplog.text and "transformer.h.1.mlp.c_proj" in caplog.text
+    # 2 blocks x 4 Conv1D (c_attn 64x192, c_proj 64x64, c_fc 64x256, mlp c_proj 256x64) = 8 weights.
+    count = 2 * (64 * 192 + 64 * 64 + 64 * 256 + 256 * 64)
+    share = 100 * count / sum(p.numel() for p in model.parameters())
+    warnings_ = [r.getMessage() for r in caplog.records if "stay in full precision" in r.getMessage()]
+    assert len(warnings_) == 1, warnings_  # once, with the count and the size
+    assert f"8 linear-like weight(s) with {count:,} parameters ({share:.1f}% of the model's)" in warnings_[0]
+    assert "transformer.h.0.attn.c_attn.weight (Conv1D layer (64, 192))" in warnings_[0]
+    # Conv1D writes its own repr, so the note sits on the parent and names the layers.
+    assert "full precision: not quantized by hf_lotion: c_fc, c_proj" in repr(model.transformer.h[1].mlp)
     assert not hf_lotion.lotion_layers(model)
     assert torch.isfinite(model(input_ids).logits).all()
+
+
+def test_fused_moe_experts_stay_full_precision_with_one_warning_and_a_mark(caplog):
+    from transformers import MixtralConfig
+
+    model = AutoModelForCausalLM.from_config(
+        MixtralConfig(
+            hidden_size=64,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=64,
+            num_local_experts=4,
+        )
+    )
+    with caplog.at_level(logging.WARNING, logger="hf_lotion"):
+        hf_lotion.prepare(model, LotionConfig(bits=4, group_size=32))
+    count = 2 * (4 * 64 * 64 + 4 * 64 * 32)  # per layer: gate_up (4, 64, 64) and down (4, 64, 32)
+    warnings_ = [r.getMessage() for r in caplog.records if "stay in full precision" in r.getMessage()]
+    assert len(warnings_) == 1 and f"4 linear-like weight(s) with {count:,} parameters" in warnings_[0]
+    assert "model.layers.1.mlp.experts.down_proj (3-D weight (4, 64, 32))" in warnings_[0]
+    assert "full precision: not quantized by hf_lotion" in repr(model.model.layers[0].mlp.experts)
+    assert "full precision" not in repr(model.model.layers[0].self_attn)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LotionLinear)
 
 
 def test_group_size_that_does_not_divide_names_the_layer(tiny_checkpoint):
@@ -181,6 +213,101 @@ def test_group_size_that_does_not_divide_names_the_layer(tiny_checkpoint):
         match=r"group_size=64 does not divide in_features=96 of layer 'model\.layers\.0\.mlp\.down_proj'",
     ):
         load(tiny_checkpoint("llama"), group_size=64)
+
+
+@pytest.mark.parametrize(
+    ("hidden", "intermediate", "expected"),
+    [
+        pytest.param(128, 256, 128, id="128-divides"),
+        pytest.param(576, 1536, 64, id="smollm2-widths"),  # SmolLM2-135M: 128 does not divide 576
+        pytest.param(64, 96, 32, id="tiny-widths"),
+        pytest.param(80, 200, -1, id="no-default-divides"),
+    ],
+)
+@pytest.mark.parametrize("route", ["from_pretrained", "prepare"])
+def test_default_group_size_resolves_per_model_and_is_saved(
+    hidden, intermediate, expected, route, tmp_path, caplog
+):
+    """`LotionConfig(bits=4)` works on any widths: 128 where it divides every quantized layer, else the
+    largest of 64/32/16 that does, else one scale per row; stated in a log line and saved explicitly."""
+    float_model = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=1,
+            num_attention_heads=4 if hidden % 4 == 0 else 5,
+            num_key_value_heads=1,
+            vocab_size=64,
+        )
+    )
+    float_model.save_pretrained(tmp_path / "float")
+    config = LotionConfig(bits=4)
+    with caplog.at_level(logging.INFO, logger="hf_lotion"):
+        if route == "prepare":
+            model = hf_lotion.prepare(float_model, config)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config)
+    assert config.group_size is None  # the caller's object is not changed
+    assert {layer.spec.group_size for _, layer in hf_lotion.lotion_layers(model)} == {expected}
+    assert f"group_size=None resolved to {'one scale per row' if expected == -1 else expected}" in caplog.text
+    model.save_pretrained(tmp_path / "qat")
+    saved = json.loads((tmp_path / "qat" / "config.json").read_text())["quantization_config"]
+    assert saved["group_size"] == expected
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "qat")
+    assert reloaded.config.quantization_config.group_size == expected
+
+
+def _tied_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        vocab_size=64,
+        tie_word_embeddings=True,
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("route", ["from_pretrained", "prepare"])
+def test_a_tied_head_is_refused_before_anything_changes(route, tmp_path):
+    """Quantizing `lm_head` tied to the embedding used to give a packed checkpoint that cannot load."""
+    model = _tied_llama()
+    model.save_pretrained(tmp_path / "float")
+    config = LotionConfig(bits=4, group_size=32, modules_to_not_convert=[])  # lm_head included
+    message = r"Layer 'lm_head' shares its weight with 'model\.embed_tokens\.weight'.*modules_to_not_convert"
+    with pytest.raises(ValueError, match=message):
+        if route == "prepare":
+            hf_lotion.prepare(model, config)
+        else:
+            AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config)
+    assert not hf_lotion.is_lotion_model(model) and getattr(model, "hf_quantizer", None) is None
+
+
+def test_a_plain_module_with_a_shared_weight_is_refused():
+    model = nn.Sequential(nn.Embedding(8, 32), nn.Linear(32, 8, bias=False))
+    model[1].weight = model[0].weight
+    with pytest.raises(ValueError, match=r"Layer '1' shares its weight with '0\.weight'"):
+        hf_lotion.prepare(model, LotionConfig(bits=4, group_size=32))
+    assert type(model[1]) is nn.Linear
+
+
+def test_a_tied_model_with_the_default_exclusions_converts_and_reloads(tmp_path, input_ids):
+    model = _tied_llama()
+    model.save_pretrained(tmp_path / "float")
+    qat = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float", quantization_config=LotionConfig(bits=4, group_size=32)
+    ).eval()
+    hf_lotion.convert(qat)
+    ids = input_ids % 64
+    with torch.no_grad():
+        expected = qat(ids).logits
+    qat.save_pretrained(tmp_path / "packed")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected)
 
 
 def test_non_finite_checkpoint_weight_is_refused(tmp_path):

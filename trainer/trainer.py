@@ -12,7 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import Trainer
+from transformers.trainer_pt_utils import find_batch_size
 
 from hf_lotion.config import LotionConfig
 from hf_lotion.nn import PenaltyRuntime, latent_weights, lotion_layers, penalty_runtime
@@ -59,6 +61,9 @@ class LotionTrainer(Trainer):
         if args is not None:
             _check_args(args, config)
         super().__init__(model, args, *pargs, **kwargs)
+        # What the accelerator enabled, not only what TrainingArguments say: `accelerate launch` with a
+        # DeepSpeed or FSDP config turns them on while args.deepspeed and args.fsdp stay unset.
+        _check_sharding(config, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled)
         self.lotion_config = config
 
     @property
@@ -75,6 +80,12 @@ class LotionTrainer(Trainer):
         ]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        latent = getattr(self, "_latent_metrics", None)
+        if latent is not None and f"{latent[0]}_loss" in logs:
+            # In place: this dict is also what evaluate() returns and on_evaluate callbacks receive.
+            prefix, latent_loss = latent
+            logs[f"{prefix}_latent_loss"] = latent_loss
+            logs[f"{prefix}_quantization_gap"] = logs[f"{prefix}_loss"] - latent_loss
         if "loss" in logs:
             runtime = self.penalty_runtime
             penalty = runtime.pop_penalty() if runtime is not None else None
@@ -85,34 +96,44 @@ class LotionTrainer(Trainer):
 
     # -- evaluation -------------------------------------------------------------------------------------
 
-    def evaluation_loop(
-        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
-    ):
-        output = super().evaluation_loop(
-            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
-        )
-        quantized_key = f"{metric_key_prefix}_loss"
-        if description != "Evaluation" or quantized_key not in output.metrics:
-            return output
-        # The same data through the unquantized latent weights, so the quantization gap is visible.
-        latent_prefix = f"{metric_key_prefix}_latent"
-        handler = self.callback_handler
-        # One evaluate() is one pass for callbacks (progress bars): the latent pass reports no steps.
-        handler.on_prediction_step = lambda args, state, control: control
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """`Trainer.evaluate` (the quantized model), plus `{prefix}_latent_loss` of the latent weights on the
+        same data and `{prefix}_quantization_gap`, logged and returned with the other metrics."""
+        target = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(target, dict):  # Trainer calls evaluate() again per dataset
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        latent_loss = self._latent_eval_loss(eval_dataset, ignore_keys)
+        self._latent_metrics = None if latent_loss is None else (metric_key_prefix, latent_loss)
         try:
-            with latent_weights(self.model):
-                latent = super().evaluation_loop(
-                    dataloader, "Latent evaluation", True, ignore_keys, metric_key_prefix=latent_prefix
-                )
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
-            del handler.on_prediction_step
-        latent_loss = latent.metrics.get(f"{latent_prefix}_loss")
-        if latent_loss is not None:
-            output.metrics[f"{latent_prefix}_loss"] = latent_loss
-            output.metrics[f"{metric_key_prefix}_quantization_gap"] = (
-                output.metrics[quantized_key] - latent_loss
-            )
-        return output
+            self._latent_metrics = None
+
+    def _latent_eval_loss(self, eval_dataset: Any, ignore_keys: list[str] | None) -> float | None:
+        """Mean eval loss of the unquantized latent weights (as `evaluation_loop` averages: per example)."""
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        model = self._wrap_model(self.model, training=False, dataloader=dataloader)
+        model.eval()
+        losses = []
+        bar = tqdm(
+            dataloader,
+            desc="Latent evaluation",
+            leave=False,
+            disable=self.args.disable_tqdm or not self.is_local_process_zero(),
+        )
+        with latent_weights(self.model):
+            for inputs in bar:
+                loss, _, _ = self.prediction_step(model, inputs, True, ignore_keys=ignore_keys)
+                if loss is None:
+                    return None
+                repeated = loss.detach().float().reshape(1).repeat(find_batch_size(inputs) or 1)
+                losses.append(self.accelerator.gather_for_metrics(repeated).cpu())
+        return torch.cat(losses).mean().item() if losses else None
 
     # -- checkpoints ------------------------------------------------------------------------------------
 
@@ -245,15 +266,27 @@ def _refresh_penalty(model: nn.Module, config: LotionConfig) -> None:
 
 
 def _check_args(args: Any, config) -> None:
+    _check_sharding(
+        config, deepspeed=bool(getattr(args, "deepspeed", None)), fsdp=bool(getattr(args, "fsdp", None))
+    )
+
+
+def _check_sharding(config, deepspeed: bool, fsdp: bool) -> None:
+    """Refuse DeepSpeed and FSDP for methods with a penalty (LOTION), which have not been run sharded.
+
+    The quantization itself is not what breaks: FSDP2 shards dim 0 and gathers whole weights for the
+    forward, so every group is complete. What is untested is LOTION's step bookkeeping: its curvature is kept
+    per whole weight on every rank, and a step window closes on `torch.optim.Optimizer.step`, which
+    DeepSpeed's engine does not call; ZeRO-3 also swaps parameters' storage in and out. STE and StableQAT
+    live entirely in the layers' autograd and are not refused.
+    """
     if config is None or config.build_method().penalty() is None:
         return
-    for name, value in (
-        ("deepspeed", getattr(args, "deepspeed", None)),
-        ("fsdp", getattr(args, "fsdp", None)),
-    ):
-        if value:
+    for name, enabled in (("DeepSpeed", deepspeed), ("FSDP", fsdp)):
+        if enabled:
             raise ValueError(
-                f"LotionTrainer with method={config.method!r} does not support {name}: LOTION's curvature state "
-                "is kept per whole weight, which sharded parameters break (untested). Use DDP (torchrun), or "
-                "method='ste'/'stableqat'."
+                f"LotionTrainer with method={config.method!r} does not support {name} (enabled through "
+                "TrainingArguments or an accelerate config): LOTION's curvature state and step windows have "
+                "not been tested with sharded parameters or optimizers. Use DDP (torchrun or accelerate "
+                "launch without DeepSpeed/FSDP), or method='ste'/'stableqat'."
             )

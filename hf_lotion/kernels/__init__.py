@@ -7,8 +7,8 @@ they are imported only when a kernel is about to run.
 
 One file per op (kernels, custom ops that launch them with fake implementations, autograd):
 
-* `fake_quant`: group absmax; fused fake-quant forward with round-to-nearest or counter-based (Philox)
-  randomized rounding; Fourier-surrogate backward (STE, StableQAT) with LSQ scale grads;
+* `fake_quant`: group absmax; fused round-to-nearest fake-quant forward; Fourier-surrogate backward
+  (STE, StableQAT) with LSQ scale grads;
 * `lotion`: LOTION's penalty gradient and value in one pass;
 * `packed_matmul`: packed int2/3/4/8 dequantization, GEMV for decode, dequantize + cuBLAS for batches.
 
@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import quant
-from ..quant.rounding import check_counter
 from ..quant.surrogates import Surrogate
 from .dispatch import (
     BACKENDS,
@@ -78,22 +77,8 @@ def fake_quantize(
     if amplitudes is not None and _triton_for(weight, scales):
         from . import fake_quant
 
-        return fake_quant.fake_quantize_op(
-            weight, scales, bits, group_size, [float(a) for a in amplitudes], None, 0
-        )
+        return fake_quant.fake_quantize_op(weight, scales, bits, group_size, [float(a) for a in amplitudes])
     return quant.fake_quantize(weight, scales, bits, group_size, surrogate)
-
-
-def stochastic_fake_quantize(
-    weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, seed: int, offset: int = 0
-) -> torch.Tensor:
-    """Randomized-rounding fake quantization; the same levels as `hf_lotion.quant.stochastic_fake_quantize`."""
-    check_counter(seed, offset)
-    if _triton_for(weight, scales):
-        from . import fake_quant
-
-        return fake_quant.fake_quantize_op(weight, scales, bits, group_size, [], int(seed), int(offset))
-    return quant.stochastic_fake_quantize(weight, scales, bits, group_size, seed, offset)
 
 
 def add_lotion_penalty_grad(
@@ -160,7 +145,6 @@ __all__ = [
     "kernel_backend",
     "packed_linear",
     "requested_backend",
-    "stochastic_fake_quantize",
     "triton_can_run",
     "use_triton",
 ]

@@ -1,11 +1,8 @@
-"""Fused fake quantization in Triton: group absmax; forward with round-to-nearest or randomized rounding;
-STE/StableQAT backward with LSQ scale grads.
+"""Fused fake quantization in Triton: group absmax; round-to-nearest forward; STE/StableQAT backward with
+LSQ scale grads.
 
-Reference: `hf_lotion.quant.fake_quant` and `hf_lotion.quant.grid` (same arithmetic, element by element).
-Randomized rounding draws element `i`'s uniform as `(tl.randint(seed, offset + i) >> 8) * 2**-24`, which
-`hf_lotion.quant.rounding` reproduces bit for bit: levels depend on `(seed, offset, i)` only, never on block
-sizes or devices, and the backward regenerates them instead of storing a noise tensor.
-The weight `(out, in)` is viewed as `(out * n_groups, group)` rows, one scale per row. Each program owns
+Reference: `hf_lotion.quant.fake_quant` and `hf_lotion.quant.grid` (same arithmetic, element by element,
+NaN and inf propagated as torch does). The weight `(out, in)` is viewed as `(out * n_groups, group)` rows, one scale per row. Each program owns
 `BLOCK_R` whole rows and walks their columns in chunks of `BLOCK_G`, so per-row reductions (absmax, the
 LSQ scale gradient) finish inside one program and need no atomics.
 
@@ -23,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..quant.fake_quant import lsq_gradient_scale
-from ..quant.grid import SCALE_FLOOR_RATIO, int_range, scale_divisor
+from ..quant.grid import SCALE_FLOOR_RATIO, gradient_window, int_range, scale_divisor
 from ..quant.spec import SURROGATE_COEFF, resolve_group_size
 
 _MAX_BLOCK_G = 1024
@@ -82,24 +79,30 @@ def _group_absmax_kernel(w_ptr, out_ptr, n_rows, group, BLOCK_R: tl.constexpr, B
     for start in range(0, group, BLOCK_G):
         offs, mask = column_chunk(base, row_mask, group, start, BLOCK_G)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        absmax = tl.maximum(absmax, tl.max(tl.abs(w), axis=1))
+        # tl.max drops NaN; a group holding one must get a NaN absmax, as torch's amax gives.
+        has_nan = tl.max((w != w).to(tl.int32), axis=1) > 0
+        chunk = tl.where(has_nan, float("nan"), tl.max(tl.abs(w), axis=1))
+        absmax = tl.maximum(absmax, chunk, propagate_nan=tl.PropagateNan.ALL)
     tl.store(out_ptr + rows, absmax, mask=row_mask)
 
 
 @triton.jit
-def quant_levels(w, s, idx, seed, QMIN: tl.constexpr, QMAX: tl.constexpr, STOCHASTIC: tl.constexpr):
-    """`(v, q)`: `v = w / s` and its level in `[QMIN, QMAX]`, nearest (ties to even) or randomized."""
+def clamp_nan(x, lo, hi):
+    """`min(max(x, lo), hi)` that keeps NaN, as `torch.clamp` does (tl.minimum/maximum drop it by default)."""
+    x = tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(x, hi, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def quant_levels(w, s, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """`(v, r, q)`: `v = w / s`, its nearest integer `r` (ties to even) and the level `q = clamp(r)`.
+
+    `r` is exact for `|v| <= 2**22`; it is clamped to one past the range first, which keeps it exact and
+    changes neither `q` nor `v - r` for any `v` the backward's window lets through.
+    """
     v = tl.div_rn(w, s)
-    if STOCHASTIC:
-        clamped = tl.minimum(tl.maximum(v, QMIN), QMAX)
-        lower = tl.floor(clamped)
-        u = (tl.randint(seed, idx) >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
-        q = lower + tl.where(u < clamped - lower, 1.0, 0.0)
-    else:
-        # Clamping before rounding keeps |v| small for the magic-number rounding; same levels after clamp.
-        q = round_half_even(tl.minimum(tl.maximum(v, QMIN - 1.0), QMAX + 1.0))
-        q = tl.minimum(tl.maximum(q, QMIN), QMAX)
-    return v, q
+    r = round_half_even(clamp_nan(v, QMIN - 1.0, QMAX + 1.0))
+    return v, r, clamp_nan(r, QMIN, QMAX)
 
 
 @triton.jit
@@ -109,11 +112,8 @@ def _fake_quant_fwd_kernel(
     out_ptr,
     n_rows,
     group,
-    seed,
-    offset,
     QMIN: tl.constexpr,
     QMAX: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
@@ -121,7 +121,7 @@ def _fake_quant_fwd_kernel(
     for start in range(0, group, BLOCK_G):
         offs, mask = column_chunk(base, row_mask, group, start, BLOCK_G)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        _, q = quant_levels(w, s, offs + offset, seed, QMIN, QMAX, STOCHASTIC)
+        _, _, q = quant_levels(w, s, QMIN, QMAX)
         tl.store(out_ptr + offs, cast_rne(q * s, out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -135,12 +135,11 @@ def _fake_quant_bwd_kernel(
     amp_ptr,
     n_rows,
     group,
-    seed,
-    offset,
+    window_low,
+    window_high,
     lsq_factor,
     QMIN: tl.constexpr,
     QMAX: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
     N_TERMS: tl.constexpr,
     NEED_DW: tl.constexpr,
     NEED_DS: tl.constexpr,
@@ -153,13 +152,13 @@ def _fake_quant_bwd_kernel(
         offs, mask = column_chunk(base, row_mask, group, start, BLOCK_G)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v, q = quant_levels(w, s, offs + offset, seed, QMIN, QMAX, STOCHASTIC)
-        inside = (v >= QMIN) & (v <= QMAX)
+        v, r, q = quant_levels(w, s, QMIN, QMAX)
+        inside = (v >= window_low) & (v <= window_high)
         if NEED_DW:
             dw = dy
             if N_TERMS > 0:
-                # StableQAT: g depends on r = v - round(v) only; exact for every v inside the range.
-                phase = 3.141592653589793 * (v - q)
+                # StableQAT: g depends on v - round(v) only (unclamped: past qmax the window still admits).
+                phase = 3.141592653589793 * (v - r)
                 series = tl.zeros_like(phase)
                 for k in tl.static_range(N_TERMS):
                     series += tl.load(amp_ptr + k) * tl.cos((2 * k + 1) * phase)
@@ -168,7 +167,7 @@ def _fake_quant_bwd_kernel(
             dw = tl.where(inside, dw, 0.0)
             tl.store(dw_ptr + offs, cast_rne(dw, dw_ptr.dtype.element_ty), mask=mask)
         if NEED_DS:
-            # Outside the range the (clamped) level is the clip level LSQ differentiates by.
+            # Outside the window the (clamped) level is the clip level LSQ differentiates by.
             ds_acc += tl.sum(tl.where(mask, dy * tl.where(inside, q - v, q), 0.0), axis=1)
     if NEED_DS:
         tl.store(ds_ptr + rows, cast_rne(ds_acc * lsq_factor, ds_ptr.dtype.element_ty), mask=row_mask)
@@ -234,15 +233,12 @@ def fake_quantize_op(
     bits: int,
     group_size: int,
     amplitudes: list[float],
-    seed: int | None,
-    offset: int,
 ) -> torch.Tensor:
-    """`s * q` in the weight's dtype, one fused pass: `q` rounds to nearest, or randomly under `seed`.
+    """`s * round(w / s)` (clamped to the range) in the weight's dtype, one fused pass.
 
-    The backward is STE, or StableQAT's surrogate given `amplitudes` (round-to-nearest only), plus LSQ
-    scale gradients when the scales require grad.
+    The backward is STE, or StableQAT's surrogate given `amplitudes`, plus LSQ scale gradients when the
+    scales require grad.
     """
-    assert seed is None or not amplitudes, "the surrogate is defined for round-to-nearest only"
     w, n_rows, group = _rows(weight, group_size)
     out = torch.empty_like(w)
     qmin, qmax = int_range(bits)
@@ -253,11 +249,8 @@ def fake_quantize_op(
         out,
         n_rows,
         group,
-        seed or 0,
-        offset,
         QMIN=qmin,
         QMAX=qmax,
-        STOCHASTIC=seed is not None,
         BLOCK_R=block_r,
         BLOCK_G=block_g,
     )
@@ -265,7 +258,7 @@ def fake_quantize_op(
 
 
 @fake_quantize_op.register_fake
-def _(weight, scales, bits, group_size, amplitudes, seed, offset):
+def _(weight, scales, bits, group_size, amplitudes):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
@@ -277,8 +270,6 @@ def fake_quantize_backward_op(
     bits: int,
     group_size: int,
     amplitudes: list[float],
-    seed: int | None,
-    offset: int,
     need_weight_grad: bool,
     need_scale_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,6 +279,7 @@ def fake_quantize_backward_op(
     dw = torch.empty_like(w) if need_weight_grad else w.new_empty(0)
     ds = torch.empty_like(scales) if need_scale_grad else scales.new_empty(0)
     qmin, qmax = int_range(bits)
+    window_low, window_high = gradient_window(bits, scales.dtype)
     block_r, block_g, programs = _blocks(n_rows, group)
     _fake_quant_bwd_kernel[(programs,)](
         w,
@@ -298,12 +290,11 @@ def fake_quantize_backward_op(
         _amplitudes_on(tuple(amplitudes), w.device),
         n_rows,
         group,
-        seed or 0,
-        offset,
+        window_low,
+        window_high,
         lsq_gradient_scale(weight.numel(), bits),
         QMIN=qmin,
         QMAX=qmax,
-        STOCHASTIC=seed is not None,
         N_TERMS=len(amplitudes),
         NEED_DW=need_weight_grad,
         NEED_DS=need_scale_grad,
@@ -314,9 +305,7 @@ def fake_quantize_backward_op(
 
 
 @fake_quantize_backward_op.register_fake
-def _(
-    grad_output, weight, scales, bits, group_size, amplitudes, seed, offset, need_weight_grad, need_scale_grad
-):
+def _(grad_output, weight, scales, bits, group_size, amplitudes, need_weight_grad, need_scale_grad):
     dw = (
         torch.empty_like(weight, memory_format=torch.contiguous_format)
         if need_weight_grad
@@ -331,16 +320,16 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    weight, scales, bits, group_size, amplitudes, seed, offset = inputs
+    weight, scales, bits, group_size, amplitudes = inputs
     ctx.save_for_backward(weight, scales)
-    ctx.args = (bits, group_size, amplitudes, seed, offset)
+    ctx.args = (bits, group_size, amplitudes)
 
 
 def _backward(ctx, grad_output):
     weight, scales = ctx.saved_tensors
     need_dw, need_ds = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dw, ds = fake_quantize_backward_op(grad_output, weight, scales, *ctx.args, need_dw, need_ds)
-    return (dw if need_dw else None), (ds if need_ds else None), None, None, None, None, None
+    return (dw if need_dw else None), (ds if need_ds else None), None, None, None
 
 
 fake_quantize_op.register_autograd(_backward, setup_context=_setup_context)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..quant.grid import int_range
-from .fake_quant import _blocks, _rows, cast_rne, column_chunk, row_block
+from .fake_quant import _blocks, _rows, cast_rne, clamp_nan, column_chunk, row_block
 
 
 @triton.jit
@@ -46,10 +46,7 @@ def _lotion_penalty_grad_kernel(
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         curv = tl.load(curv_ptr + offs, mask=mask, other=0.0)
-        v = tl.div_rn(w, s)
-        v = tl.minimum(
-            tl.maximum(v, QMIN, propagate_nan=tl.PropagateNan.ALL), QMAX, propagate_nan=tl.PropagateNan.ALL
-        )
+        v = clamp_nan(tl.div_rn(w, s), QMIN, QMAX)
         p = v - tl.floor(v)
         penalty += tl.sum(tl.where(mask, curv * (s * s * p * (1.0 - p)), 0.0), axis=1)
         slope = tl.where(p > 0, s * (1.0 - 2.0 * p), 0.0)

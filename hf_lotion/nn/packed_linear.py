@@ -22,6 +22,12 @@ class PackedLinear(nn.Module):
     `hf_lotion.kernels.packed_matmul.GEMV_MAX_M` rows use a fused Triton GEMV that reads only the packed
     weight (outputs equal to rounding), larger ones dequantize in Triton and call cuBLAS (bit-identical).
 
+    The packed integers and scales are buffers, never trained. `bias` is an ordinary float `Parameter` that
+    requires grad, like the model's other float parameters (norms, embeddings, the output head), whether
+    the layer comes from `from_qat`/`hf_lotion.convert` or from `from_pretrained` of a packed checkpoint.
+    Freezing is the training setup's job: PEFT freezes the whole base when it adds adapters (and trains
+    biases only if asked, `bias="all"`), and transformers' `Trainer` refuses a packed model without adapters.
+
     Example:
         >>> from hf_lotion.nn import LotionLinear
         >>> from hf_lotion.quant import QuantSpec
@@ -83,8 +89,9 @@ class PackedLinear(nn.Module):
         packed.weight.copy_(pack_int(q, spec.bits))
         packed.weight_scale.copy_(scales)
         if layer.bias is not None:
-            packed.bias = layer.bias
-        packed.requires_grad_(False)
+            # A copy, not the QAT layer's Parameter: `layer` is left untouched (and not aliased), and the bias
+            # requires grad as after `from_pretrained` of the saved packed checkpoint.
+            packed.bias = nn.Parameter(layer.bias.detach().clone())
         return packed
 
     @property

@@ -57,7 +57,7 @@ class ForwardContext:
 
 
 class _LossAnchor(torch.autograd.Function):
-    """Identity on a scalar loss; backward records the gradient that reached it (times the share)."""
+    """Identity on the loss; backward records the gradient that reached it (times the share)."""
 
     @staticmethod
     def forward(ctx, loss, context, share):
@@ -69,7 +69,9 @@ class _LossAnchor(torch.autograd.Function):
         multiplier = grad.detach()
         if ctx.share is not None:
             multiplier = multiplier * ctx.share
-        ctx.context.runtime.receive(ctx.context, multiplier)
+        # One loss value, possibly shaped `(n, 1)` under nn.DataParallel (copies the trainer averages): the
+        # gradient that reached it is the sum over its elements.
+        ctx.context.runtime.receive(ctx.context, multiplier.sum())
         return grad, None, None
 
 

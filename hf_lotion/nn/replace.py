@@ -48,16 +48,75 @@ def quantizable_linears(
     ]
 
 
-def unsupported_linear_like(
+# Appended to the repr of modules whose weights the quantizer leaves in full precision.
+FULL_PRECISION_NOTE = "full precision: not quantized by hf_lotion"
+
+
+def unconverted_weights(
     model: nn.Module, modules_to_not_convert: Iterable[str] | None = None
-) -> list[str]:
-    """Layers that act as linears but are left in full precision (GPT-2 style `Conv1D`)."""
+) -> list[tuple[str, nn.Module, str, int]]:
+    """Linear-like weights the quantizer cannot convert and that were not excluded on purpose.
+
+    `(parameter name, owning module, kind, numel)` for GPT-2 style `Conv1D` weights, `nn.Linear` subclasses
+    (only the exact type is converted) and weights of 3 or more dimensions (transformers' fused MoE experts).
+    """
     excluded = list(modules_to_not_convert or ())
-    return [
-        name
-        for name, module in model.named_modules()
-        if type(module).__name__ == "Conv1D" and not matches_module(name, excluded)
-    ]
+    found = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, LotionLinear) or matches_module(module_name, excluded):
+            continue
+        linear_like = type(module).__name__ == "Conv1D" or (
+            isinstance(module, nn.Linear) and type(module) is not nn.Linear
+        )
+        for param_name, param in module.named_parameters(recurse=False):
+            if linear_like and param_name == "weight":
+                kind = f"{type(module).__name__} layer"
+            elif param.dim() >= 3:
+                kind = f"{param.dim()}-D weight"
+            else:
+                continue
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            found.append((name, module, f"{kind} {tuple(param.shape)}", param.numel()))
+    return found
+
+
+def full_precision_summary(model: nn.Module, modules_to_not_convert: Iterable[str] | None = None) -> str:
+    """One line on what stays in full precision although it is linear-like ("" when nothing does)."""
+    found = unconverted_weights(model, modules_to_not_convert)
+    if not found:
+        return ""
+    count = sum(numel for *_, numel in found)
+    # Tied copies count once, also before from_pretrained has tied them.
+    tied_copies = set(getattr(model, "all_tied_weights_keys", None) or ())
+    total = sum(p.numel() for name, p in model.named_parameters() if name not in tied_copies)
+    shown = ", ".join(f"{name} ({kind})" for name, _, kind, _ in found[:6])
+    more = f", and {len(found) - 6} more" if len(found) > 6 else ""
+    return (
+        f"hf_lotion quantizes nn.Linear layers only; {len(found)} linear-like weight(s) with {count:,} "
+        f"parameters ({100 * count / max(total, 1):.1f}% of the model's) stay in full precision: {shown}{more}."
+    )
+
+
+def mark_full_precision(model: nn.Module, modules_to_not_convert: Iterable[str] | None = None) -> None:
+    """Say in `print(model)` which linear-like weights stay in full precision.
+
+    The note goes into the owning module's `extra_repr` (an instance attribute: the class is untouched), or,
+    for a module whose class writes its own `__repr__` (GPT-2's `Conv1D`), into its parent's, naming it.
+    """
+    notes: dict[str, list[str]] = {}
+    for param_name, module, _, _ in unconverted_weights(model, modules_to_not_convert):
+        module_name = param_name.rpartition(".")[0]
+        if type(module).__repr__ is nn.Module.__repr__:
+            notes.setdefault(module_name, [])
+        else:
+            parent, _, child = module_name.rpartition(".")
+            notes.setdefault(parent, []).append(child)
+    for module_name, children in notes.items():
+        module = model.get_submodule(module_name)
+        note = FULL_PRECISION_NOTE + (f": {', '.join(dict.fromkeys(children))}" if children else "")
+        base = getattr(module, "_hf_lotion_base_extra_repr", module.extra_repr)
+        module._hf_lotion_base_extra_repr = base
+        module.extra_repr = lambda base=base, note=note: ", ".join(filter(None, (base(), note)))
 
 
 def check_layers(layers: list[tuple[str, nn.Linear]], spec: QuantSpec, check_values: bool = True) -> None:
@@ -81,6 +140,43 @@ def check_layers(layers: list[tuple[str, nn.Linear]], spec: QuantSpec, check_val
             )
 
 
+def shared_weights(model: nn.Module) -> dict[str, str]:
+    """`{parameter name: the name it is tied to}` for the model's tied parameters, both ways.
+
+    From transformers' tie map (`all_tied_weights_keys`, known before the weights are loaded) and from
+    parameters that are one object under two names (models tied by hand).
+    """
+    tied: dict[str, str] = {}
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        tied[target], tied[source] = source, target
+    first_name: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first_name:
+            tied.setdefault(name, first_name[id(param)])
+            tied.setdefault(first_name[id(param)], name)
+        else:
+            first_name[id(param)] = name
+    return tied
+
+
+def check_not_tied(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
+    """Raise `ValueError` if a layer to quantize shares its weight with another module (tied embeddings).
+
+    A packed layer stores integers where the other module needs the float weight, so the checkpoint would
+    not load; refusing before anything changes is the only safe answer.
+    """
+    tied = shared_weights(model)
+    for name, _ in layers:
+        other = tied.get(f"{name}.weight")
+        if other is not None:
+            raise ValueError(
+                f"Layer '{name}' shares its weight with '{other}' (tied weights, e.g. tie_word_embeddings=True), "
+                "so it cannot be quantized on its own; allowed: list it in modules_to_not_convert (the default "
+                "None keeps the output head in full precision), or untie the weights first (load the model "
+                "with tie_word_embeddings=False)."
+            )
+
+
 def replace_linear_layers(
     model: nn.Module,
     spec: QuantSpec,
@@ -101,17 +197,16 @@ def replace_linear_layers(
         raise ValueError("The model already has LotionLinear layers; quantize a model only once.")
     skipped = list(modules_to_not_convert or ())
     layers = quantizable_linears(model, skipped)
+    check_not_tied(model, layers)
     check_layers(layers, spec, check_values=check_values)
-    conv1d = unsupported_linear_like(model, skipped)
-    if conv1d:
-        logger.warning(
-            "hf_lotion quantizes nn.Linear layers only; these Conv1D layers stay in full precision: %s",
-            ", ".join(conv1d),
-        )
     if not layers:
         logger.warning("No nn.Linear layer to quantize was found (excluded: %s).", skipped)
     for name, module in layers:
         model.set_submodule(name, LotionLinear.from_linear(module, spec, method))
+    summary = full_precision_summary(model, skipped)
+    if summary:
+        logger.warning(summary)
+        mark_full_precision(model, skipped)
     return [name for name, _ in layers]
 
 

@@ -1,4 +1,4 @@
-"""Quantization math in plain PyTorch: grids, rounding, STE/StableQAT/LSQ autograd and LOTION.
+"""Quantization math in plain PyTorch: grids, STE/StableQAT/LSQ autograd and LOTION.
 
 Knows nothing of transformers; everything else in hf_lotion builds on it, and every fast path is
 tested against it.
@@ -10,12 +10,12 @@ from .fake_quant import (
     stableqat_fake_quantize,
     stableqat_surrogate,
     ste_fake_quantize,
-    stochastic_fake_quantize,
 )
 from .grid import (
     absmax_scales,
     dequantize,
     fake_quantize_rtn,
+    gradient_window,
     grouped,
     int_range,
     quantize_rtn,
@@ -32,7 +32,6 @@ from .lotion import (
     rounding_variance,
 )
 from .packing import pack_int, packed_words, unpack_int
-from .rounding import counter_uniform, philox_uint32, rounding_split, stochastic_round
 from .spec import DEFAULT_GRID_BY_BITS, GRIDS, SUPPORTED_BITS, QuantSpec
 from .surrogates import FourierSurrogate, StraightThrough, Surrogate, as_surrogate
 
@@ -47,10 +46,10 @@ __all__ = [
     "absmax_scales",
     "add_penalty_grad",
     "as_surrogate",
-    "counter_uniform",
     "dequantize",
     "fake_quantize",
     "fake_quantize_rtn",
+    "gradient_window",
     "grid_distance",
     "grouped",
     "int_range",
@@ -60,17 +59,13 @@ __all__ = [
     "lsq_gradient_scale",
     "pack_int",
     "packed_words",
-    "philox_uint32",
     "quantize_rtn",
     "rounding_position",
-    "rounding_split",
     "rounding_variance",
     "scale_divisor",
     "scale_floor",
     "stableqat_fake_quantize",
     "stableqat_surrogate",
     "ste_fake_quantize",
-    "stochastic_fake_quantize",
-    "stochastic_round",
     "unpack_int",
 ]

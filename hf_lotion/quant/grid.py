@@ -46,6 +46,22 @@ def scale_divisor(bits: int, grid: str) -> float:
     raise ValueError(f"grid={grid!r} is not supported; allowed: 'full', 'restricted'.")
 
 
+def gradient_window(bits: int, scale_dtype: torch.dtype) -> tuple[float, float]:
+    """The `v = w / s` that fake-quant backwards pass gradient through: those that round into the range.
+
+    `[qmin - 1/2, qmax + 1/2]`, widened by `2**(bits-1)` ulps of the scale's dtype: an absmax scale rounded to
+    bf16 can put the group's largest weight a little past `qmax + 1/2` (full grid), and that weight must train
+    like the rest. Weights clipped by a learned (smaller) scale lie further out and get no gradient.
+
+    Example:
+        >>> gradient_window(4, torch.float32)
+        (-8.500000953674316, 7.500000953674316)
+    """
+    qmin, qmax = int_range(bits)
+    slack = 2.0 ** (bits - 1) * torch.finfo(scale_dtype).eps
+    return qmin - 0.5 - slack, qmax + 0.5 + slack
+
+
 def grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
     """View `(out, in)` as `(out, n_groups, group_size)`; `group_size=-1` means one group per row."""
     out_features, in_features = t.shape

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from .grid import grouped, int_range, scaled_values
-from .rounding import rounding_split
 
 
 def rounding_position(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -21,8 +20,8 @@ def rounding_position(weight: torch.Tensor, scales: torch.Tensor, bits: int, gro
 
     float32, or float64 for float64 inputs (as every function here)."""
     qmin, qmax = int_range(bits)
-    _, p = rounding_split(scaled_values(weight.detach(), scales.detach(), group_size), qmin, qmax)
-    return p.reshape(weight.shape)
+    v = scaled_values(weight.detach(), scales.detach(), group_size).clamp(qmin, qmax)
+    return (v - torch.floor(v)).reshape(weight.shape)
 
 
 def _grouped_position(

@@ -8,7 +8,7 @@ and every validation error is raised through `invalid_value` so that all report 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -118,6 +118,25 @@ def validate_positive_float(
 def resolve_group_size(group_size: int, in_features: int) -> int:
     """The number of input features that share one scale (`-1` means the whole row)."""
     return in_features if group_size == -1 else group_size
+
+
+# What `group_size=None` resolves to: the first of these that divides every quantized layer's in_features.
+DEFAULT_GROUP_SIZES = (128, 64, 32, 16)
+
+
+def default_group_size(in_features: Iterable[int]) -> int:
+    """The default group size for layers of these widths: 128, else the largest of 64/32/16 dividing all,
+    else -1 (one scale per row, which fits any width).
+
+    Example:
+        >>> default_group_size([576, 1536])  # SmolLM2-135M: 128 does not divide 576
+        64
+    """
+    widths = list(in_features)
+    for size in DEFAULT_GROUP_SIZES:
+        if all(width % size == 0 for width in widths):
+            return size
+    return -1
 
 
 def check_divisible(group_size: int, in_features: int, layer: str) -> None:
