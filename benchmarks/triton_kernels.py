@@ -290,7 +290,7 @@ def bench_qat_step(device, report: Report, steps: int) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        with kernels.kernel_backend("triton" if SMOKE else "auto"):
+        with kernels.kernel_backend("triton"):
             for _ in range(2):
                 train_step()
             sync(device)

@@ -298,8 +298,15 @@ def _drop_unknown_saved_keys(data: dict[str, Any]) -> dict[str, Any]:
             f"LotionConfig.format={data['format']!r} is not supported; allowed: one of {FORMATS}. {upgrade}"
         )
     method = data.get("method", "lotion")
-    if not isinstance(method, str) or method not in method_names():
-        return data  # the constructor reports the unknown method
+    if isinstance(method, str) and method not in method_names():
+        # The method decides how a latent checkpoint's tensors are used (learned scales): never guessed.
+        raise ValueError(
+            f"LotionConfig.method={method!r} (saved in the checkpoint) is not supported; allowed: one of "
+            f"{tuple(method_names())}. The checkpoint may come from a newer hf-lotion: upgrade hf-lotion "
+            "(pip install -U hf-lotion), or register the method with hf_lotion.register_method."
+        )
+    if not isinstance(method, str):
+        return data  # the constructor reports the bad value
     unknown = sorted(set(data) - {*COMMON_FIELDS, *method_class(method).option_names()})
     if unknown:
         logger.warning(

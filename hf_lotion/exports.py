@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -72,20 +73,42 @@ def _warn_if_vllm_cannot_serve(bits: int, group_size: int) -> None:
         )
 
 
+def _previous_export(folder: Path) -> bool:
+    """Whether `folder` holds a compressed-tensors checkpoint and nothing else worth keeping: a config.json
+    whose quantization_config is compressed-tensors' and no subfolders (checkpoints, logs, a project)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    return method == "compressed-tensors" and not any(entry.is_dir() for entry in folder.iterdir())
+
+
 def _check_replaceable(target: Path) -> None:
-    """Refuse a target that export would clobber but that is not a checkpoint (before anything is written)."""
-    allowed = "a new path, an empty directory, or a directory holding a checkpoint (with a config.json)"
+    """Refuse a target that the export would clobber but that is not an earlier export (before anything is
+    written): the whole folder is replaced, so anything else in it (training checkpoints beside a saved
+    model, a project folder) would be lost."""
+    allowed = (
+        "a new path, an empty directory, or the directory of an earlier compressed-tensors export (a "
+        "config.json with quant_method 'compressed-tensors' and no subdirectories)"
+    )
     if target.is_symlink():
         # Renaming would replace the link, not the folder it points to.
         raise ValueError(f"save_directory '{target}' is a symbolic link; allowed: {allowed}.")
+    cwd = Path.cwd().resolve()
+    if target.resolve() == cwd or target.resolve() in cwd.parents:
+        raise ValueError(
+            f"save_directory '{target}' is the working directory or one above it; allowed: {allowed}."
+        )
     if not target.exists():
         return
     if not target.is_dir():
         raise ValueError(f"save_directory '{target}' exists and is not a directory; allowed: {allowed}.")
-    if any(target.iterdir()) and not (target / "config.json").is_file():
+    if any(target.iterdir()) and not _previous_export(target):
         raise ValueError(
-            f"save_directory '{target}' is a non-empty directory without a config.json, so not a checkpoint "
-            f"export may replace; allowed: {allowed}."
+            f"save_directory '{target}' is a non-empty directory that is not an earlier compressed-tensors "
+            f"export, and the export replaces the whole folder; allowed: {allowed}."
         )
 
 
@@ -103,11 +126,12 @@ def export_compressed_tensors(
     The export replaces `save_directory` as a whole and atomically: the checkpoint is written to a
     hidden folder beside it, the old folder is renamed aside, the new one renamed into place, and the old
     one deleted. Readers see the old checkpoint or the new one (or, for the instant between the two
-    renames, none), never a mix such as stale shards; on any failure the old folder is restored untouched. Allowed targets: a path that does not exist, an
-    empty directory, or a directory holding a checkpoint (it has a `config.json`); anything else in it,
-    a tokenizer for example, is replaced too, so save the tokenizer after exporting. A file, a symbolic
-    link, or a non-empty directory without `config.json` is refused with a ValueError before anything is
-    written.
+    renames, none), never a mix such as stale shards; on any failure the old folder is restored
+    untouched. Allowed targets: a path that does not exist, an empty directory, or the directory of an
+    earlier export (its config.json names compressed-tensors; no subdirectories). Files in it, a tokenizer
+    for example, are replaced too, so save the tokenizer after exporting. Anything else (a file, a
+    symbolic link, the working directory, a folder holding other things) is refused with a ValueError
+    before anything is written.
 
     Example:
         >>> hf_lotion.convert(model)  # doctest: +SKIP

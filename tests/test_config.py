@@ -242,8 +242,19 @@ def test_unknown_keys_in_saved_config_warn_and_are_ignored(format, extra, caplog
         ),
         ({"bits": 5}, r"LotionConfig\.bits=5 is not supported"),  # storage fields are never ignored
         ({"grid": "nf4"}, r"LotionConfig\.grid='nf4' is not supported"),
+        (
+            {"method": "lotion_v2"},
+            r"LotionConfig\.method='lotion_v2' \(saved in the checkpoint\) is not supported.*upgrade hf-lotion",
+        ),
     ],
-    ids=["newer-format-version", "format-version-not-int", "unknown-format", "bad-bits", "unknown-grid"],
+    ids=[
+        "newer-format-version",
+        "format-version-not-int",
+        "unknown-format",
+        "bad-bits",
+        "unknown-grid",
+        "unknown-method",
+    ],
 )
 def test_saved_config_of_a_newer_storage_format_is_refused(extra, message):
     with pytest.raises(ValueError, match=message):

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -170,7 +171,9 @@ def test_failed_export_leaves_the_previous_export_untouched(failure, tiny_checkp
     assert model.config.quantization_config.format == "packed" and model.hf_quantizer is not None
 
 
-@pytest.mark.parametrize("kind", ["file", "folder-without-config", "symlink"])
+@pytest.mark.parametrize(
+    "kind", ["file", "folder-without-config", "symlink", "trainer-output-dir", "other-models-checkpoint"]
+)
 def test_export_refuses_targets_that_are_not_checkpoints(kind, tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     if kind == "file":
@@ -178,6 +181,12 @@ def test_export_refuses_targets_that_are_not_checkpoints(kind, tiny_checkpoint, 
     elif kind == "folder-without-config":
         out.mkdir()
         (out / "notes.txt").write_text("keep me")
+    elif kind == "trainer-output-dir":  # trainer.save_model(output_dir) beside checkpoint-*/ folders
+        shutil.copytree(tiny_checkpoint("llama"), out)
+        (out / "checkpoint-500").mkdir()
+        (out / "checkpoint-500" / "optimizer.pt").write_text("keep me")
+    elif kind == "other-models-checkpoint":  # a config.json, but not of an earlier export
+        shutil.copytree(tiny_checkpoint("llama"), out)
     else:
         (tmp_path / "real").mkdir()
         out.symlink_to(tmp_path / "real", target_is_directory=True)
@@ -186,6 +195,16 @@ def test_export_refuses_targets_that_are_not_checkpoints(kind, tiny_checkpoint, 
     with pytest.raises(ValueError, match=rf"save_directory '{re.escape(str(out))}' .*allowed: a new path"):
         hf_lotion.export_compressed_tensors(model, out)
     assert snapshot(tmp_path) == before and sorted(os.listdir(tmp_path)) == listing
+
+
+def test_export_refuses_the_working_directory(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("keep me")
+    model = converted(tiny_checkpoint("llama"), bits=4, group_size=32)
+    for target in (".", tmp_path.parent):
+        with pytest.raises(ValueError, match=r"is the working directory or one above it"):
+            hf_lotion.export_compressed_tensors(model, target)
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
 
 
 @pytest.mark.parametrize("kind", ["new-nested-path", "empty-folder"])

@@ -212,6 +212,18 @@ def test_num_items_as_data_parallel_passes_it_gives_the_scalar_step(shape, reduc
         assert torch.equal(dp_ema[name], ema[name]), name
 
 
+def test_data_parallel_replicas_are_refused_with_the_supported_call():
+    """nn.DataParallel replicates the model into threads that share the penalty state and own no
+    parameters: LOTION refuses it, naming DDP, instead of never closing its step windows."""
+    model = lotion_model()
+    replica = copy.copy(model)  # what torch.nn.parallel.replicate marks on each replica
+    replica._is_replica = True
+    ids = token_ids(2)
+    with pytest.raises(ValueError, match=r"cannot train under nn\.DataParallel.*DistributedDataParallel"):
+        replica(input_ids=ids, labels=ids)
+    model(input_ids=ids, labels=ids).loss.backward()  # the model itself still trains
+
+
 def test_curvature_every_k_steps_and_bias_corrected_ema():
     model = lotion_model(curvature_every=2, curvature_beta=0.5)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)

@@ -123,7 +123,10 @@ def test_the_new_method_saves_and_reloads(toy_method, tmp_path):
     assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
     hf_lotion.unregister_method("toy_clipped")
     try:
-        with pytest.raises(ValueError, match=r"method='toy_clipped' is not supported.*register_method"):
+        with pytest.raises(
+            ValueError,
+            match=r"method='toy_clipped' \(saved in the checkpoint\) is not supported.*register_method",
+        ):
             AutoModelForCausalLM.from_pretrained(tmp_path)
     finally:
         hf_lotion.register_method(ClippedLinearQat)

@@ -160,7 +160,7 @@ def reference_fake_quant_grads(w, s, grad_out, bits, group_size, amplitudes):
             g = (1 - c) / (1 + c)
             gw[i, j] = float(grad_out[i, j]) * g if inside else 0.0
             level = min(max(q, qmin), qmax)
-            dq_ds = (level - v) if inside else level
+            dq_ds = (level - v) if qmin <= v <= qmax else level  # LSQ's rule, on the unrounded range
             gs[i, j // size] += float(grad_out[i, j]) * dq_ds * factor
     return gw, gs
 
@@ -345,6 +345,21 @@ def test_penalty_gradient_is_zero_on_grid_and_outside_range():
         0.5 * 0.5 * (1 - 2 * 0.5), abs=1e-12
     )  # p = 0.5: top of the bump
     assert rounding_variance(w, s, 3, -1)[0, :5].tolist() == [0.0] * 5
+
+
+def test_regularizer_gradient_is_rounded_once_in_low_precision():
+    """bf16 weights: `grad_output * (lambda/2) G s (1 - 2p)` is formed in float32 and rounded to bf16 once."""
+    gen = torch.Generator().manual_seed(6)
+    w = (torch.randn(64, 64, generator=gen) * 0.05).to(torch.bfloat16)
+    s = absmax_scales(w, 4, 32)
+    curvature = torch.rand(64, 64, generator=gen) * 3.0
+    wr = w.clone().requires_grad_(True)
+    (lotion_regularizer(wr, s, curvature, 4, 32, strength=0.7) * 0.37).backward()
+    v = (w.float() / s.float().repeat_interleave(32, dim=1)).clamp(-8, 7)
+    p = v - v.floor()
+    slope = torch.where(p > 0, s.float().repeat_interleave(32, dim=1) * (1 - 2 * p), 0.0)
+    exact = (0.35 * curvature * slope) * 0.37
+    assert torch.equal(wr.grad, exact.to(torch.bfloat16))
 
 
 def test_regularizer_autograd_uses_the_penalty_gradient():

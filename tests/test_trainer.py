@@ -102,6 +102,48 @@ def test_periodic_evaluation_during_training_logs_quantized_and_latent_loss(tmp_
     assert all(entry["eval_latent_loss"] > 0 and "eval_quantization_gap" in entry for entry in evals)
 
 
+class CountEvaluationCallbacks(TrainerCallback):
+    def __init__(self) -> None:
+        self.prediction_steps = self.evaluations = 0
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        self.prediction_steps += 1
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.evaluations += 1
+
+
+def test_latent_evaluation_per_dataset_in_low_precision_and_not_in_predict(tmp_path):
+    """Several eval datasets each get their latent loss; bf16_full_eval evaluates both passes in bf16;
+    callbacks (progress bars) see one pass per dataset; predict() adds nothing."""
+    model = lotion_model()
+    evals = {"a": random_blocks(8, 21), "b": random_blocks(4, 22)}
+    counter = CountEvaluationCallbacks()
+    args = training_args(tmp_path, bf16_full_eval=True, per_device_eval_batch_size=4)
+    trainer = LotionTrainer(model=model, args=args, eval_dataset=evals, callbacks=[counter])
+    metrics = trainer.evaluate()
+    assert counter.prediction_steps == 2 + 1 and counter.evaluations == 2  # batches of 4; one per dataset
+    assert next(model.parameters()).dtype == torch.bfloat16
+    model.eval()
+    for name, dataset in evals.items():
+        losses = {}
+        with torch.no_grad():
+            for start in range(0, len(dataset.blocks), 4):
+                batch = {
+                    "input_ids": dataset.blocks[start : start + 4],
+                    "labels": dataset.blocks[start : start + 4],
+                }
+                losses.setdefault("quantized", []).append(model(**batch).loss.float().item())
+                with hf_lotion.latent_weights(model):
+                    losses.setdefault("latent", []).append(model(**batch).loss.float().item())
+        quantized, latent = (sum(v) / len(v) for v in (losses["quantized"], losses["latent"]))
+        assert metrics[f"eval_{name}_loss"] == pytest.approx(quantized, rel=1e-6)
+        assert metrics[f"eval_{name}_latent_loss"] == pytest.approx(latent, rel=1e-6)
+        assert metrics[f"eval_{name}_quantization_gap"] == pytest.approx(quantized - latent, abs=1e-6)
+    prediction = trainer.predict(evals["a"])
+    assert "test_loss" in prediction.metrics and not any("latent" in key for key in prediction.metrics)
+
+
 @pytest.mark.parametrize("method", ["lotion", "ste", "stableqat"])
 def test_trainer_changes_weights_and_trains_learned_scales(tmp_path, method):
     model = lotion_model(method=method)
@@ -280,6 +322,13 @@ def test_sharding_enabled_by_an_accelerate_config_is_refused_for_lotion(
             LotionTrainer(model=lotion_model(method=method), args=args)
     else:  # STE has no penalty state: nothing to refuse
         LotionTrainer(model=lotion_model(method=method), args=args)
+
+
+def test_several_gpus_in_one_process_are_refused_for_lotion(tmp_path, monkeypatch):
+    """Trainer wraps the model in nn.DataParallel when one process sees several GPUs."""
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    with pytest.raises(ValueError, match=r"sees 2 GPUs in one process.*torchrun --nproc_per_node"):
+        LotionTrainer(model=lotion_model(), args=training_args(tmp_path))
 
 
 def test_trainer_refuses_a_packed_model(tmp_path):

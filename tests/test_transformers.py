@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import warnings
@@ -197,7 +198,7 @@ def test_fused_moe_experts_stay_full_precision_with_one_warning_and_a_mark(caplo
         )
     )
     with caplog.at_level(logging.WARNING, logger="hf_lotion"):
-        hf_lotion.prepare(model, LotionConfig(bits=4, group_size=32))
+        hf_lotion.prepare(model, LotionConfig(bits=4, group_size=32, method="ste"))
     count = 2 * (4 * 64 * 64 + 4 * 64 * 32)  # per layer: gate_up (4, 64, 64) and down (4, 64, 32)
     warnings_ = [r.getMessage() for r in caplog.records if "stay in full precision" in r.getMessage()]
     assert len(warnings_) == 1 and f"4 linear-like weight(s) with {count:,} parameters" in warnings_[0]
@@ -205,6 +206,20 @@ def test_fused_moe_experts_stay_full_precision_with_one_warning_and_a_mark(caplo
     assert "full precision: not quantized by hf_lotion" in repr(model.model.layers[0].mlp.experts)
     assert "full precision" not in repr(model.model.layers[0].self_attn)
     assert isinstance(model.model.layers[0].self_attn.q_proj, LotionLinear)
+    # The mark keeps the model picklable and copyable.
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    reloaded = torch.load(buffer, weights_only=False)
+    assert "full precision: not quantized by hf_lotion" in repr(reloaded.model.layers[1].mlp.experts)
+
+
+def test_torch_convolutions_are_not_reported_as_unconverted_linears(caplog):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv1d(8, 8, 3), nn.Flatten(), nn.Linear(32, 16))
+    with caplog.at_level(logging.WARNING, logger="hf_lotion"):
+        hf_lotion.prepare(model, LotionConfig(bits=4, group_size=32))
+    assert "stay in full precision" not in caplog.text
+    assert "full precision" not in repr(model)
 
 
 def test_group_size_that_does_not_divide_names_the_layer(tiny_checkpoint):
@@ -283,6 +298,13 @@ def test_a_tied_head_is_refused_before_anything_changes(route, tmp_path):
         else:
             AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config)
     assert not hf_lotion.is_lotion_model(model) and getattr(model, "hf_quantizer", None) is None
+
+
+def test_a_head_untied_in_memory_can_be_quantized():
+    model = _tied_llama()
+    model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+    hf_lotion.prepare(model, LotionConfig(bits=4, group_size=32, modules_to_not_convert=[]))
+    assert isinstance(model.lm_head, LotionLinear)
 
 
 def test_a_plain_module_with_a_shared_weight_is_refused():

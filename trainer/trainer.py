@@ -64,6 +64,13 @@ class LotionTrainer(Trainer):
         # What the accelerator enabled, not only what TrainingArguments say: `accelerate launch` with a
         # DeepSpeed or FSDP config turns them on while args.deepspeed and args.fsdp stay unset.
         _check_sharding(config, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled)
+        if self.args.n_gpu > 1 and config is not None and config.build_method().penalty() is not None:
+            raise ValueError(
+                f"LotionTrainer with method={config.method!r} sees {self.args.n_gpu} GPUs in one process, where "
+                "Trainer uses nn.DataParallel, whose replicas share one penalty state. Launch one process per "
+                "GPU (torchrun --nproc_per_node N, or accelerate launch) for DDP, or set CUDA_VISIBLE_DEVICES "
+                "to one GPU."
+            )
         self.lotion_config = config
 
     @property
@@ -80,12 +87,6 @@ class LotionTrainer(Trainer):
         ]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        latent = getattr(self, "_latent_metrics", None)
-        if latent is not None and f"{latent[0]}_loss" in logs:
-            # In place: this dict is also what evaluate() returns and on_evaluate callbacks receive.
-            prefix, latent_loss = latent
-            logs[f"{prefix}_latent_loss"] = latent_loss
-            logs[f"{prefix}_quantization_gap"] = logs[f"{prefix}_loss"] - latent_loss
         if "loss" in logs:
             runtime = self.penalty_runtime
             penalty = runtime.pop_penalty() if runtime is not None else None
@@ -104,19 +105,37 @@ class LotionTrainer(Trainer):
     ) -> dict[str, float]:
         """`Trainer.evaluate` (the quantized model), plus `{prefix}_latent_loss` of the latent weights on the
         same data and `{prefix}_quantization_gap`, logged and returned with the other metrics."""
-        target = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if isinstance(target, dict):  # Trainer calls evaluate() again per dataset
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        latent_loss = self._latent_eval_loss(eval_dataset, ignore_keys)
-        self._latent_metrics = None if latent_loss is None else (metric_key_prefix, latent_loss)
-        try:
+        previous, self._latent_eval_prefix = getattr(self, "_latent_eval_prefix", None), metric_key_prefix
+        try:  # with several eval datasets Trainer calls evaluate() again per dataset, each its own prefix
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
-            self._latent_metrics = None
+            self._latent_eval_prefix = previous
 
-    def _latent_eval_loss(self, eval_dataset: Any, ignore_keys: list[str] | None) -> float | None:
-        """Mean eval loss of the unquantized latent weights (as `evaluation_loop` averages: per example)."""
-        dataloader = self.get_eval_dataloader(eval_dataset)
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        quantized_key = f"{metric_key_prefix}_loss"
+        # Only for evaluate() (not predict()); after super(), which moved, cast and wrapped the model.
+        if (
+            getattr(self, "_latent_eval_prefix", None) != metric_key_prefix
+            or quantized_key not in output.metrics
+        ):
+            return output
+        latent_loss = self._latent_eval_loss(dataloader, ignore_keys)
+        if latent_loss is not None:
+            output.metrics[f"{metric_key_prefix}_latent_loss"] = latent_loss
+            output.metrics[f"{metric_key_prefix}_quantization_gap"] = (
+                output.metrics[quantized_key] - latent_loss
+            )
+        return output
+
+    def _latent_eval_loss(self, dataloader, ignore_keys: list[str] | None) -> float | None:
+        """Mean loss of the unquantized latent weights, averaged per example as `evaluation_loop` does
+        (non-finite losses filtered under `logging_nan_inf_filter`). Its own progress bar, no callbacks:
+        callbacks see one evaluation."""
         model = self._wrap_model(self.model, training=False, dataloader=dataloader)
         model.eval()
         losses = []
@@ -133,7 +152,13 @@ class LotionTrainer(Trainer):
                     return None
                 repeated = loss.detach().float().reshape(1).repeat(find_batch_size(inputs) or 1)
                 losses.append(self.accelerator.gather_for_metrics(repeated).cpu())
-        return torch.cat(losses).mean().item() if losses else None
+        if not losses:
+            return None
+        losses = torch.cat(losses)
+        finite = torch.isfinite(losses)
+        if self.args.logging_nan_inf_filter and finite.any():
+            losses = losses[finite]
+        return losses.mean().item()
 
     # -- checkpoints ------------------------------------------------------------------------------------
 

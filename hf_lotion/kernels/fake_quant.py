@@ -167,8 +167,9 @@ def _fake_quant_bwd_kernel(
             dw = tl.where(inside, dw, 0.0)
             tl.store(dw_ptr + offs, cast_rne(dw, dw_ptr.dtype.element_ty), mask=mask)
         if NEED_DS:
-            # Outside the window the (clamped) level is the clip level LSQ differentiates by.
-            ds_acc += tl.sum(tl.where(mask, dy * tl.where(inside, q - v, q), 0.0), axis=1)
+            # LSQ: round(v) - v inside the unrounded range, the (clamped) clip level outside it.
+            in_range = (v >= QMIN) & (v <= QMAX)
+            ds_acc += tl.sum(tl.where(mask, dy * tl.where(in_range, q - v, q), 0.0), axis=1)
     if NEED_DS:
         tl.store(ds_ptr + rows, cast_rne(ds_acc * lsq_factor, ds_ptr.dtype.element_ty), mask=row_mask)
 

@@ -168,6 +168,12 @@ class PenaltyRuntime:
         if not (module.training and torch.is_grad_enabled()):
             self.current = None
             return
+        if getattr(module, "_is_replica", False):
+            raise ValueError(
+                "LOTION's penalty cannot train under nn.DataParallel: its replicas run in threads "
+                "that share one curvature state and own no parameters, so steps could not be told apart. Use "
+                "DistributedDataParallel (torchrun or accelerate launch), or method='ste'/'stableqat'."
+            )
         _LIVE_RUNTIMES.add(self)  # again after a deepcopy of the model, which copies the runtime
         trainable = [p for p in module.parameters() if p.requires_grad]
         version = sum(p._version for p in trainable)

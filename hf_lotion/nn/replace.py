@@ -58,7 +58,8 @@ def unconverted_weights(
     """Linear-like weights the quantizer cannot convert and that were not excluded on purpose.
 
     `(parameter name, owning module, kind, numel)` for GPT-2 style `Conv1D` weights, `nn.Linear` subclasses
-    (only the exact type is converted) and weights of 3 or more dimensions (transformers' fused MoE experts).
+    (only the exact type is converted) and weights of 3 or more dimensions of modules that are not torch's
+    own (transformers' fused MoE experts; convolutions are not linear-like).
     """
     excluded = list(modules_to_not_convert or ())
     found = []
@@ -71,7 +72,8 @@ def unconverted_weights(
         for param_name, param in module.named_parameters(recurse=False):
             if linear_like and param_name == "weight":
                 kind = f"{type(module).__name__} layer"
-            elif param.dim() >= 3:
+            elif param.dim() >= 3 and not type(module).__module__.startswith("torch."):
+                # A model's own 3-D weights (fused MoE experts); torch's convolutions are not linear-like.
                 kind = f"{param.dim()}-D weight"
             else:
                 continue
@@ -114,9 +116,17 @@ def mark_full_precision(model: nn.Module, modules_to_not_convert: Iterable[str] 
     for module_name, children in notes.items():
         module = model.get_submodule(module_name)
         note = FULL_PRECISION_NOTE + (f": {', '.join(dict.fromkeys(children))}" if children else "")
-        base = getattr(module, "_hf_lotion_base_extra_repr", module.extra_repr)
-        module._hf_lotion_base_extra_repr = base
-        module.extra_repr = lambda base=base, note=note: ", ".join(filter(None, (base(), note)))
+        module.extra_repr = _NotedExtraRepr(module, note)
+
+
+class _NotedExtraRepr:
+    """The module class's `extra_repr` plus a note; a plain object, so the model still pickles and copies."""
+
+    def __init__(self, module: nn.Module, note: str) -> None:
+        self.module, self.note = module, note
+
+    def __call__(self) -> str:
+        return ", ".join(filter(None, (type(self.module).extra_repr(self.module), self.note)))
 
 
 def check_layers(layers: list[tuple[str, nn.Linear]], spec: QuantSpec, check_values: bool = True) -> None:
@@ -143,12 +153,14 @@ def check_layers(layers: list[tuple[str, nn.Linear]], spec: QuantSpec, check_val
 def shared_weights(model: nn.Module) -> dict[str, str]:
     """`{parameter name: the name it is tied to}` for the model's tied parameters, both ways.
 
-    From transformers' tie map (`all_tied_weights_keys`, known before the weights are loaded) and from
-    parameters that are one object under two names (models tied by hand).
+    Parameters that are one object under two names; and, while the weights are not loaded yet (meta
+    tensors, inside `from_pretrained`), transformers' tie map (`all_tied_weights_keys`) of what it will tie.
+    A materialised model is judged by identity only: a head the user untied is not tied.
     """
     tied: dict[str, str] = {}
-    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
-        tied[target], tied[source] = source, target
+    if any(param.is_meta for param in model.parameters()):
+        for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+            tied[target], tied[source] = source, target
     first_name: dict[int, str] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in first_name:

@@ -6,11 +6,12 @@ Backward, with `v = w / s`:
 * weight: `dL/dw = dL/dw_hat * 1[v in window] * g(v)`, with `g` a `Surrogate`: `g = 1` for STE;
   StableQAT's Fourier surrogate `g(v) = (1 - c S) / (1 + c S)`, `S = sum_k a_k cos((2k+1) pi (v + round(v)))`,
   `c = sqrt(2) pi`, which is 1 at `v - round(v) = +-1/2` and about 0.0347 on the grid for `a = [0.21]`.
-* scale (only when the scale requires grad, LSQ): per element `round(v) - v` inside the window and the
-  clip level outside, times `1 / sqrt(numel(W) * qmax)`, summed over each group. No surrogate here.
+* scale (only when the scale requires grad, LSQ): per element `round(v) - v` for `qmin <= v <= qmax` and
+  the clip level outside (LSQ's rule, unchanged), times `1 / sqrt(numel(W) * qmax)`, summed over each
+  group. No surrogate here.
 
-The window is the set of `v` that round into the range, `[qmin - 1/2, qmax + 1/2]`, widened by the
-scale's rounding error (`gradient_window`). Masking on the unrounded `qmin <= v <= qmax` instead would
+The weight's window is the set of `v` that round into the range, `[qmin - 1/2, qmax + 1/2]`, widened by
+the scale's rounding error (`gradient_window`). Masking on the unrounded `qmin <= v <= qmax` instead would
 freeze the largest positive weight of every group under the full grid: its scale `absmax / (qmax + 1/2)`
 puts it at `v = qmax + 1/2`, while the negative extreme, at `qmin + 1/2`, trains.
 """
@@ -65,10 +66,11 @@ class _FakeQuantize(torch.autograd.Function):
             surrogate_grad = grad if isinstance(ctx.surrogate, StraightThrough) else grad * ctx.surrogate(v)
             grad_weight = torch.where(inside, surrogate_grad, 0.0).reshape(weight.shape).to(weight.dtype)
         if ctx.needs_input_grad[1]:
-            # Levels are recomputed, not stored. Outside the window the clip level is what LSQ differentiates by.
+            # Levels are recomputed, not stored. LSQ's rule: `round(v) - v` inside the unrounded range, the
+            # clip level outside it (also for the group's absmax at qmax + 1/2, which the window lets through).
             qmin, qmax = int_range(ctx.bits)
             q = torch.round(v).clamp_(qmin, qmax)
-            dwhat_ds = torch.where(inside, q - v, q)
+            dwhat_ds = torch.where((v >= qmin) & (v <= qmax), q - v, q)
             factor = lsq_gradient_scale(weight.numel(), ctx.bits)
             grad_scales = ((grad * dwhat_ds).sum(dim=-1) * factor).to(scales.dtype)
         return grad_weight, grad_scales, None, None, None

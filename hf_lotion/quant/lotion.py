@@ -139,8 +139,11 @@ class _LotionPenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         weight, scales, curvature = ctx.saved_tensors
-        grad = lotion_penalty_grad(weight, scales, curvature, ctx.bits, ctx.group_size, ctx.strength)
-        return (grad * grad_output).to(weight.dtype), None, None, None, None, None
+        p, s = _grouped_position(weight, scales, ctx.bits, ctx.group_size)
+        # Formed in float32 (float64) with grad_output and rounded once to the weight's dtype.
+        step = 0.5 * ctx.strength * curvature.detach().to(p.dtype) * _slope(p, s, weight.shape)
+        grad = step * grad_output.to(p.dtype)
+        return grad.to(weight.dtype), None, None, None, None, None
 
 
 def lotion_regularizer(
