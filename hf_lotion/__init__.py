@@ -11,6 +11,7 @@ TRL, accelerate, a plain PyTorch loop, or `hf_lotion.LotionTrainer`, which adds 
 evaluation), and reloading a saved one needs only `import hf_lotion` first.
 """
 
+from .adapters import install_peft_integration, requantizing_merge
 from .config import LotionConfig
 from .convert import convert
 from .exports import export_compressed_tensors
@@ -30,6 +31,7 @@ from .quantizer import LotionHfQuantizer, prepare, register_with_transformers
 __version__ = "0.1.0"
 
 register_with_transformers()
+install_peft_integration()
 
 # The trainer pulls in transformers.Trainer (and accelerate): import it only when asked for.
 _LAZY = {"LotionTrainer", "grid_fraction"}
@@ -76,5 +78,6 @@ __all__ = [
     "penalty_runtime",
     "prepare",
     "register_method",
+    "requantizing_merge",
     "unregister_method",
 ]

@@ -94,7 +94,9 @@ class LotionHfQuantizer(HfQuantizer):
         shapes = [(name, m.out_features, m.in_features) for name, m in layers]
         check_packed_checkpoint(checkpoint_files, shapes, config.bits, config.group_size)
         for name, module in layers:
-            packed = PackedLinear.empty_like(module, config.bits, config.group_size, device="meta")
+            packed = PackedLinear.empty_like(
+                module, config.bits, config.group_size, device="meta", grid=config.grid
+            )
             model.set_submodule(name, packed)
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:

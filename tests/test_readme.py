@@ -40,3 +40,11 @@ def test_add_method_snippet_registers_a_method_that_configs_accept():
         assert surrogate(torch.tensor([0.0, 0.5])).tolist() == [1.0, 0.75]
     finally:
         hf_lotion.unregister_method("clipped_ste")
+
+
+def test_lora_snippet_trains_qat_adapters_and_merges_exactly():
+    namespace: dict = {}
+    exec(compile(readme_block("lora"), str(README), "exec"), namespace)  # it asserts the exact merge itself
+    packed = namespace["packed"]
+    assert any(isinstance(m, hf_lotion.PackedLinear) for m in packed.modules())
+    assert not any("lora_" in name for name, _ in packed.named_parameters())

@@ -81,10 +81,9 @@ class LotionTrainer(Trainer):
     # -- training ---------------------------------------------------------------------------------------
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
-        # Weight decay would pull learned quantization scales toward zero.
-        return [
-            name for name in super().get_decay_parameter_names(model) if not name.endswith("weight_scale")
-        ]
+        # Weight decay would pull learned quantization scales (a layer's, or a QAT adapter's
+        # `lora_weight_scale.<adapter>`) toward zero.
+        return [name for name in super().get_decay_parameter_names(model) if "weight_scale" not in name]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:

@@ -5,9 +5,36 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import dequantize_packed, packed_linear
+from ..kernels import absmax_scales, dequantize_packed, packed_linear
+from ..quant.grid import quantize_rtn
 from ..quant.packing import pack_int, packed_words, unpack_int
 from ..quant.spec import check_divisible, resolve_group_size
+
+
+class _PackedLinearFunction(torch.autograd.Function):
+    """`F.linear(x, s * q, b)` whose backward dequantizes the packed weight again instead of saving it.
+
+    Saving the dequantized weight (what autograd does for `F.linear`) would hold a full-precision copy of
+    every layer between forward and backward: adapters over a packed base (QLoRA-style) would lose their
+    memory advantage. The packed words and scales are saved instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, packed, scales, bias, bits, group_size, in_features):
+        ctx.save_for_backward(packed, scales)
+        ctx.args, ctx.x_dtype = (bits, group_size, in_features), x.dtype
+        return packed_linear(x, packed, scales, bias, bits, group_size, in_features)
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed, scales = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = dequantize_packed(packed, scales, *ctx.args)
+            grad_x = (grad.to(weight.dtype) @ weight).to(ctx.x_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(dim=0)
+        return grad_x, None, None, grad_bias, None, None, None
 
 
 class PackedLinear(nn.Module):
@@ -47,11 +74,14 @@ class PackedLinear(nn.Module):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        grid: str = "full",
     ) -> None:
         super().__init__()
         check_divisible(group_size, in_features, type(self).__name__)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
+        # The absmax rule the layer was quantized with: only used to re-quantize (merging adapters into it).
+        self.grid = grid
         n_groups = in_features // resolve_group_size(group_size, in_features)
         dtype = dtype or torch.get_default_dtype()
         words = packed_words(in_features, bits)
@@ -67,7 +97,12 @@ class PackedLinear(nn.Module):
 
     @classmethod
     def empty_like(
-        cls, linear: nn.Linear, bits: int, group_size: int, device: torch.device | str | None = None
+        cls,
+        linear: nn.Linear,
+        bits: int,
+        group_size: int,
+        device: torch.device | str | None = None,
+        grid: str = "full",
     ) -> PackedLinear:
         """An unfilled packed layer with `linear`'s shape, bias and dtype, on `device` (default: `linear`'s)."""
         return cls(
@@ -78,6 +113,7 @@ class PackedLinear(nn.Module):
             bias=linear.bias is not None,
             device=linear.weight.device if device is None else device,
             dtype=linear.weight.dtype,
+            grid=grid,
         )
 
     @classmethod
@@ -85,7 +121,7 @@ class PackedLinear(nn.Module):
         """Pack a `LotionLinear`'s RTN integers and scales (the weights its eval mode uses)."""
         q, scales = layer.quantize_weight()
         spec = layer.spec
-        packed = cls.empty_like(layer, spec.bits, spec.group_size)
+        packed = cls.empty_like(layer, spec.bits, spec.group_size, grid=spec.grid)
         packed.weight.copy_(pack_int(q, spec.bits))
         packed.weight_scale.copy_(scales)
         if layer.bias is not None:
@@ -106,11 +142,22 @@ class PackedLinear(nn.Module):
         """`s * q` in the scales' dtype, computed exactly as the QAT model's eval mode does."""
         return dequantize_packed(self.weight, self.weight_scale, self.bits, self.group_size, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # On CUDA: the Triton GEMV for decode-sized inputs, dequantize + cuBLAS for larger ones.
-        return packed_linear(
-            x, self.weight, self.weight_scale, self.bias, self.bits, self.group_size, self.in_features
+    @torch.no_grad()
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Quantize a float `weight` `(out, in)` onto this layer's grid (absmax scales), in place."""
+        scales = absmax_scales(weight.to(self.dtype), self.bits, self.group_size, self.grid)
+        self.weight.copy_(
+            pack_int(quantize_rtn(weight.to(self.dtype), scales, self.bits, self.group_size), self.bits)
         )
+        self.weight_scale.copy_(scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = (self.weight, self.weight_scale, self.bias, self.bits, self.group_size, self.in_features)
+        bias_grad = self.bias is not None and self.bias.requires_grad
+        if torch.is_grad_enabled() and (x.requires_grad or bias_grad):
+            return _PackedLinearFunction.apply(x, *args)
+        # On CUDA: the Triton GEMV for decode-sized inputs, dequantize + cuBLAS for larger ones.
+        return packed_linear(x, *args)
 
     def extra_repr(self) -> str:
         return (

@@ -99,15 +99,19 @@ class LotionLinear(nn.Linear):
         spec = self.spec
         return absmax_scales(weight, spec.bits, spec.group_size, spec.grid)
 
-    def quant_scales(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def quant_scales(
+        self, weight: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The scales for `weight` (default: the latent weight), `(out_features, n_groups)`.
 
-        Learned ones (kept above a positive floor) or the absmax rule at `weight`.
+        Learned ones (`weight_scale`, default the layer's own; kept above a positive floor) or, for methods
+        without learned scales, the absmax rule at `weight`.
         """
         weight = self.weight if weight is None else weight
-        if self.weight_scale is None:
+        weight_scale = self.weight_scale if weight_scale is None else weight_scale
+        if weight_scale is None:
             return self._absmax_scales(weight)
-        return torch.clamp_min(self.weight_scale, scale_floor(weight, self.weight_scale.dtype))
+        return torch.clamp_min(weight_scale, scale_floor(weight, weight_scale.dtype))
 
     @torch.no_grad()
     def quantize_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,22 +127,25 @@ class LotionLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.qat_linear(x, self.weight)
 
-    def qat_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def qat_linear(
+        self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`x @ w^T + b` for the effective weight `weight`, as this layer trains or deploys it.
 
         Eval mode multiplies by the RTN weight of `weight`; train mode by the method's train weight, with
         the method's penalty (if any) on `weight`, so its gradient reaches whatever `weight` is made of.
+        `weight_scale` replaces the layer's learned scales (an adapter's own, trained with it).
         """
         spec = self.spec
         if not self.training:
             if self.eval_latent:
                 return F.linear(x, weight, self.bias)
-            return F.linear(
-                x, fake_quantize(weight, self.quant_scales(weight), spec.bits, spec.group_size), self.bias
-            )
+            scales = self.quant_scales(weight, weight_scale)
+            return F.linear(x, fake_quantize(weight, scales, spec.bits, spec.group_size), self.bias)
         method = self.method
         context = self._penalty_context(weight)
-        scales = self.quant_scales(weight) if context is not None or method.uses_scales() else None
+        uses_scales = context is not None or method.uses_scales()
+        scales = self.quant_scales(weight, weight_scale) if uses_scales else None
         if context is not None:
             weight = self.penalty_runtime.penalize_weight(self, weight, scales, context)
         y = F.linear(x, method.train_weight(weight, scales, spec), self.bias)
