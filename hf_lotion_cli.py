@@ -55,8 +55,32 @@ class Command:
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
 
 
+def _push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", help="a folder written by save_pretrained after hf_lotion.convert")
+    parser.add_argument("repo_id", help="the Hub repository, namespace/name")
+    visibility = parser.add_mutually_exclusive_group()
+    visibility.add_argument(
+        "--private", action="store_true", default=None, help="create the repository private"
+    )
+    visibility.add_argument("--public", dest="private", action="store_false", help="create it public")
+    parser.add_argument("--revision", help="branch to commit to (created from main if missing)")
+    parser.add_argument("--message", help="commit message")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    parser.add_argument(
+        "--allow-latent", action="store_true", help="publish a model still in the latent (training) format"
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback when the push fails")
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("env", "show versions, devices and registration status", "hf_lotion.cli:cmd_env"),
+    Command(
+        "push",
+        "publish a converted model folder (model, tokenizer, card, plots) to the Hub in one commit; the token "
+        "comes from HF_TOKEN or `hf auth login`",
+        "hf_lotion.cli:cmd_push",
+        _push_arguments,
+    ),
 )
 
 

@@ -33,8 +33,16 @@ __version__ = "0.1.0"
 register_with_transformers()
 install_peft_integration()
 
-# The trainer pulls in transformers.Trainer (and accelerate): import it only when asked for.
-_LAZY = {"LotionTrainer", "grid_fraction"}
+# The trainer pulls in transformers.Trainer (and accelerate), the cards huggingface_hub's card and upload
+# machinery: import them only when asked for.
+_LAZY = {
+    "LotionTrainer": "trainer",
+    "grid_fraction": "trainer",
+    "CardFacts": "cards.card",
+    "save_card": "cards.card",
+    "push_to_hub": "cards.push",
+    "PushError": "cards.push",
+}
 _REMOVED = {
     "LotionRegularizer": (
         "hf_lotion.LotionRegularizer was removed: LOTION's penalty is now part of the model's loss and trains in "
@@ -46,15 +54,16 @@ _REMOVED = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from . import trainer
+        import importlib
 
-        return getattr(trainer, name)
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     if name in _REMOVED:
         raise AttributeError(_REMOVED[name])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
+    "CardFacts",
     "LotionConfig",
     "LotionHfQuantizer",
     "LotionLinear",
@@ -62,6 +71,7 @@ __all__ = [
     "Option",
     "PackedLinear",
     "Penalty",
+    "PushError",
     "QatMethod",
     "QuantSpec",
     "Surrogate",
@@ -77,7 +87,9 @@ __all__ = [
     "method_names",
     "penalty_runtime",
     "prepare",
+    "push_to_hub",
     "register_method",
     "requantizing_merge",
+    "save_card",
     "unregister_method",
 ]

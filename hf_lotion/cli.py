@@ -77,5 +77,28 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    """Push a saved, converted model folder to the Hub; one line, no traceback, when it fails."""
+    from hf_lotion.cards.push import PushError, push_to_hub
+
+    try:
+        url = push_to_hub(
+            args.directory,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.message,
+            allow_latent=args.allow_latent,
+            create_pr=args.create_pr,
+        )
+    except PushError as error:
+        if args.debug:
+            raise
+        print(f"hf-lotion: error: {error}", file=sys.stderr)
+        return 1
+    print(f"Pushed {args.directory} to {url}")
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())

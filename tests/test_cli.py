@@ -94,8 +94,9 @@ def test_console_script_answers_without_importing_torch(args, returncode, expect
 
 def test_parser_builds_without_the_library_and_names_library_commands():
     parser = hf_lotion_cli.build_parser()
+    required = {"push": ["out", "me/model"]}  # positional arguments of commands that take some
     for command in hf_lotion_cli.COMMANDS:
-        args = parser.parse_args([command.name])
+        args = parser.parse_args([command.name, *required.get(command.name, [])])
         assert args.command == command.name and args.target == command.target
         module, _, function = command.target.partition(":")
         assert module.startswith("hf_lotion."), f"{command.name}: implementations live in the library"

@@ -69,6 +69,8 @@ def test_wheel_installs_and_imports_from_a_fresh_process(tmp_path):
             "import hf_lotion_cli",
             "print(hf_lotion.__file__); print(hf_lotion.trainer.__file__); print(hf_lotion.cards.__file__)",
             "print(hf_lotion_cli.__file__)",
+            # the card template is package data, read when a card is built
+            "import importlib.resources as r; assert r.files('hf_lotion.cards').joinpath('template.md').is_file()",
             "print(hf_lotion.LotionConfig(bits=4).bits)",
         ]
     )

@@ -159,6 +159,77 @@ class LotionTrainer(Trainer):
             losses = losses[finite]
         return losses.mean().item()
 
+    # -- publishing -------------------------------------------------------------------------------------
+
+    def card_facts(self) -> Any:
+        """What the run knows for the model card: the loss history, steps, tokens, learning rate, data."""
+        from hf_lotion.cards.card import CardFacts
+
+        training = {"steps": self.state.global_step, "learning_rate": self.args.learning_rate}
+        if self.state.num_input_tokens_seen:
+            training["tokens"] = int(self.state.num_input_tokens_seen)
+        data = type(self.train_dataset).__name__ if self.train_dataset is not None else None
+        if data:
+            training["data"] = data
+        evals = [entry["eval_loss"] for entry in self.state.log_history if "eval_loss" in entry]
+        results = {"this_model": evals[-1], "metric": "eval loss"} if evals else None
+        config = self.lotion_config  # the latent config: a packed one keeps only the method's name
+        options = config.method_options() if config is not None else None
+        return CardFacts(
+            training=training,
+            results=results,
+            log_history=list(self.state.log_history),
+            method_options=options or None,
+        )
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = None,
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        *,
+        repo_id: str | None = None,
+        card_facts: Any = None,
+        allow_latent: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        """Publish the converted model, its tokenizer, card and plots in one commit (`hf_lotion.push_to_hub`).
+
+        Call `hf_lotion.convert(trainer.model)` first: a model still in the latent format is refused unless
+        `allow_latent=True`. `repo_id` defaults to `args.hub_model_id`, then the output folder's name; the
+        token to `args.hub_token`, then HF_TOKEN or `hf auth login`. `card_facts` (a `CardFacts`) adds what the
+        run cannot know (base model, full-precision and RTN results); the loss history, steps and learning
+        rate come from the run. Returns the commit URL.
+
+        Example:
+            >>> hf_lotion.convert(trainer.model)  # doctest: +SKIP
+            >>> trainer.push_to_hub(repo_id="me/tiny-4bit")  # doctest: +SKIP
+        """
+        from hf_lotion.cards.push import push_to_hub
+
+        if kwargs:
+            raise ValueError(
+                f"LotionTrainer.push_to_hub got unsupported arguments {sorted(kwargs)}; allowed: commit_message, "
+                "token, revision, private, repo_id, card_facts, allow_latent."
+            )
+        facts = card_facts if card_facts is not None else self.card_facts()
+        if card_facts is not None and facts.log_history is None:
+            facts.log_history = list(self.state.log_history)
+        tokenizer = self.processing_class
+        return push_to_hub(
+            self.model,
+            repo_id or self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir)),
+            tokenizer=tokenizer if callable(getattr(tokenizer, "save_pretrained", None)) else None,
+            card_facts=facts,
+            private=private if private is not None else self.args.hub_private_repo,
+            revision=revision or self.args.hub_revision,
+            commit_message=commit_message,
+            token=token or self.args.hub_token,
+            allow_latent=allow_latent,
+        )
+
     # -- checkpoints ------------------------------------------------------------------------------------
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
@@ -257,7 +328,8 @@ def _check_model(model: nn.Module | None):
     if config is not None and config.format == "packed":
         raise ValueError(
             "LotionTrainer got a packed model (LotionConfig.format='packed'), which holds integers and cannot "
-            "be trained. Train the latent model and call hf_lotion.convert(model) afterwards."
+            "be trained. Train the latent model and call hf_lotion.convert(model) afterwards; to train LoRA "
+            "adapters over a packed base (QLoRA-style), use transformers.Trainer."
         )
     if not lotion_layers(model):
         raise ValueError(
@@ -290,6 +362,13 @@ def _refresh_penalty(model: nn.Module, config: LotionConfig) -> None:
 
 
 def _check_args(args: Any, config) -> None:
+    if getattr(args, "push_to_hub", False):
+        raise ValueError(
+            "LotionTrainer does not support TrainingArguments.push_to_hub=True: Trainer would push the latent "
+            "(training) checkpoints as they are saved. Allowed: push_to_hub=False; after training call "
+            "hf_lotion.convert(trainer.model) and trainer.push_to_hub(repo_id=...), which publishes the packed "
+            "model with its card in one commit."
+        )
     _check_sharding(
         config, deepspeed=bool(getattr(args, "deepspeed", None)), fsdp=bool(getattr(args, "fsdp", None))
     )
