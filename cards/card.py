@@ -122,7 +122,14 @@ def _bytes(n: float) -> str:
 
 
 def _percent(share: float) -> str:
-    return f"{100 * share:.1f}%" if abs(share) < 0.995 or share == 1 else f"{100 * share:.0f}%"
+    return f"{100 * share:.0f}%" if share == 1 else f"{100 * share:.1f}%"
+
+
+def _as_list(value: object) -> list:
+    """A list of names from a list, a single string (not its characters) or nothing."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _loss(value: float) -> str:
@@ -574,8 +581,8 @@ def _context(model: nn.Module, facts: CardFacts, plot_files: Mapping[str, str]) 
     else:
         name = f"{method_short.lower()}-{q.bits}bit"
         title = f"{q.bits}-bit {method_short} model"
-    datasets = [d for d in (_text(d) for d in facts.datasets or ()) if d]
-    languages = [code for code in (_text(c) for c in facts.language or ()) if code]
+    datasets = [d for d in (_text(d) for d in _as_list(facts.datasets)) if d]
+    languages = [code for code in (_text(c) for c in _as_list(facts.language)) if code]
     results = _results(facts, q)
     eval_results = _model_index(results, facts, name, pipeline_tag)
     data = ModelCardData(

@@ -169,6 +169,12 @@ def _check_model(model: Any, allow_latent: bool) -> dict:
             f"push_to_hub takes a transformers model or a folder written by save_pretrained, got "
             f"{type(model).__name__}"
         )
+    if getattr(model, "peft_config", None) or any(hasattr(m, "base_layer") for m in model.modules()):
+        raise ValueError(
+            "The model carries PEFT adapters: push_to_hub publishes whole packed models. Call "
+            "`model = model.merge_and_unload()` and then hf_lotion.convert(model) (QAT adapters merge exactly), "
+            "or publish the adapter alone with the PeftModel's own push_to_hub."
+        )
     quant = _quant_dict(getattr(getattr(model, "config", None), "quantization_config", None))
     latent = is_lotion_model(model)
     if latent and not allow_latent:
@@ -298,7 +304,7 @@ def _stage(model, folder, staging: Path, tokenizer, card_facts, repo_id) -> dict
 
 # -- the network part -----------------------------------------------------------------------------------------
 def _send(files: dict[str, Path], repo_id, private, revision, message, token, create_pr) -> str:
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     api = HfApi(token=token)
     step, repo_created = "creating the repository", False
@@ -307,6 +313,12 @@ def _send(files: dict[str, Path], repo_id, private, revision, message, token, cr
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         repo_id = repo_url.repo_id or repo_id
         repo_created = True
+        step = "reading the repository"
+        info = api.model_info(repo_id, revision=revision if revision and _is_ref_or_oid(revision) else None)
+        if private and not info.private:
+            logger.warning(
+                "%s exists and is public: private=True does not change an existing repository.", repo_id
+            )
         if revision is not None and revision != "main" and not _is_ref_or_oid(revision):
             step = "creating the branch"
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
@@ -314,6 +326,11 @@ def _send(files: dict[str, Path], repo_id, private, revision, message, token, cr
         operations = [
             CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in sorted(files.items())
         ]
+        # Weights, shard indexes and plots of an earlier push that this one does not replace: an old
+        # model.safetensors beside a new sharded index would be loaded in preference.
+        remote = _remote_files(api, repo_id, revision)
+        stale = [p for p in remote if p not in files and _replaced_by_a_push(p)]
+        operations += [CommitOperationDelete(path_in_repo=p) for p in stale]
         logger.info(
             "Committing %d files to %s%s", len(operations), repo_id, f"@{revision}" if revision else ""
         )
@@ -326,14 +343,33 @@ def _send(files: dict[str, Path], repo_id, private, revision, message, token, cr
             repo_type="model",
         )
     except Exception as err:  # every failure becomes one clear PushError
-        raise _push_error(err, step, repo_id, revision, repo_created, api.endpoint, token) from err
+        error = _push_error(err, step, repo_id, revision, repo_created, api.endpoint, token)
+        logger.debug("Push failed: %s", _clean(repr(err), token))
+        raise error from None  # the raw exception may echo credentials; its cleaned repr is logged
     url = str(info.pr_url if create_pr and info.pr_url else info.commit_url)
-    unchanged = all(getattr(op, "_remote_oid", None) == getattr(op, "_local_oid", 0) for op in operations)
+    unchanged = not stale and all(
+        getattr(op, "_remote_oid", None) == getattr(op, "_local_oid", 0) for op in operations
+    )
     if unchanged:  # huggingface_hub skips an empty commit and answers with the branch's head
         logger.warning("Nothing new to push: %s already holds these %d files (%s)", repo_id, len(files), url)
     else:
         logger.info("Pushed %d files to %s in one commit: %s", len(files), repo_id, url)
     return url
+
+
+def _remote_files(api: Any, repo_id: str, revision: str | None) -> list[str]:
+    """The files at the revision pushed to (none on a branch that does not exist yet)."""
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    try:
+        return list(api.list_repo_files(repo_id, revision=revision, repo_type="model"))
+    except RevisionNotFoundError:
+        return []
+
+
+def _replaced_by_a_push(path: str) -> bool:
+    """Files a push owns: weights, their index and the card's plots (never e.g. a user's own docs)."""
+    return path.endswith((".safetensors", ".safetensors.index.json", ".bin")) or path.startswith("plots/")
 
 
 def _is_ref_or_oid(revision: str) -> bool:

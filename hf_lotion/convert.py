@@ -9,6 +9,7 @@ from torch import nn
 from .config import LotionConfig
 from .nn.packed_linear import PackedLinear
 from .nn.penalty import remove_penalty
+from .nn.qat_linear import LotionLinear
 from .nn.replace import full_precision_summary, lotion_layers
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,17 @@ def convert(model: nn.Module) -> nn.Module:
         >>> model.save_pretrained("out")  # doctest: +SKIP
     """
     layers = lotion_layers(model)
+    wrapped = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "base_layer", None), LotionLinear)
+    ]
+    if wrapped:
+        raise ValueError(
+            f"convert() got a model with LoRA adapters on its quantized layers ({wrapped[0]}, ...): packing "
+            "under the adapters would break them. Call `model = model.merge_and_unload()` first (QAT adapters "
+            "merge exactly), then hf_lotion.convert(model)."
+        )
     if not layers:
         raise ValueError(
             "convert() found no LotionLinear layer to pack: pass a model quantized with hf_lotion in the "

@@ -374,3 +374,45 @@ def test_lotion_trainer_keeps_adapter_scales_out_of_weight_decay(tmp_path):
     decayed = set(hf_lotion.LotionTrainer(model=model, args=args).get_decay_parameter_names(model))
     assert any("lora_A" in name for name in decayed)
     assert not any("weight_scale" in name for name in decayed)
+
+
+def test_convert_and_push_refuse_a_model_that_still_has_adapters():
+    model = get_peft_model(qat_model("ste"), lora())
+    with pytest.raises(ValueError, match=r"LoRA adapters on its quantized layers .*merge_and_unload\(\)"):
+        hf_lotion.convert(model)
+    assert isinstance(
+        model.base_model.model.model.layers[0].mlp.up_proj.get_base_layer(), hf_lotion.LotionLinear
+    )
+    with pytest.raises(ValueError, match=r"carries PEFT adapters.*merge_and_unload"):
+        hf_lotion.push_to_hub(model, "me/x")
+
+
+def test_transformers_load_adapter_of_another_grid_is_refused_when_used(tmp_path):
+    """transformers' own loader writes the adapter buffers without peft's state-dict hook: the adapter's
+    recorded grid is checked when it is first used."""
+    get_peft_model(qat_model("ste", bits=4), lora()).save_pretrained(tmp_path)
+    other = qat_model("ste", bits=2)
+    batch = ids(2)
+    with pytest.raises(
+        ValueError, match=r"trained for QAT adapters on a latent LotionLinear, bits=4.*bits=2"
+    ):
+        other.load_adapter(str(tmp_path))
+        other(input_ids=batch)
+
+
+def test_the_callers_lora_config_is_not_changed_and_can_be_reused():
+    config = lora()
+    get_peft_model(qat_model("ste"), config)
+    assert config.target_modules == "all-linear" and not config._custom_modules
+    second = get_peft_model(qat_model("stableqat", seed=1), config)
+    assert isinstance(second.base_model.model.model.layers[1].self_attn.v_proj, LotionLoraLinear)
+
+
+def test_the_merge_is_exact_under_bf16_autocast_too():
+    model = train_steps(get_peft_model(qat_model("ste"), lora()))
+    batch = ids(4)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids=batch).logits
+        merged = hf_lotion.convert(model.merge_and_unload())
+        assert torch.equal(merged(input_ids=batch).logits, expected)

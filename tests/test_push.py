@@ -364,9 +364,29 @@ def test_lotion_trainer_pushes_the_converted_model_with_its_card(tiny_checkpoint
         trainer.push_to_hub(repo_id="me/trained", token=TOKEN)
     assert not hub.commits
     hf_lotion.convert(trainer.model)
-    url = trainer.push_to_hub(repo_id="me/trained", token=TOKEN)
+    given = hf_lotion.CardFacts(base_model="org/base-model")
+    url = trainer.push_to_hub(repo_id="me/trained", token=TOKEN, card_facts=given)
+    assert given.log_history is None and given.training is None  # the caller's facts are not changed
     assert "me/trained" in url and len(hub.commits) == 1
     files = hub.repos["me/trained"].resolve("main").files
     card = files["README.md"].decode()
     assert "model.safetensors" in files and any(name.startswith("plots/") for name in files)
-    assert "2" in card and "learning rate" in card.lower()
+    # The caller's facts over the run's: the base model given, the steps and learning rate from the run.
+    assert "base_model: org/base-model" in card and "learning rate" in card.lower() and "steps**: 2" in card
+
+
+def test_a_push_removes_the_weights_and_plots_it_replaces(packed, hub, tmp_path):
+    """A single model.safetensors left beside a new sharded index would be loaded in preference."""
+    model, folder = packed
+    push_to_hub(folder, "me/stale", token=TOKEN)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    (sharded / "NOTES.md").write_text("kept")
+    push_to_hub(sharded, "me/stale", token=TOKEN)
+    files = hub.repos["me/stale"].resolve("main").files
+    assert "model.safetensors" not in files and "model.safetensors.index.json" in files
+    assert sorted(n for n in files if n.endswith(".safetensors")) == sorted(
+        p.name for p in sharded.glob("*.safetensors")
+    )
+    assert "NOTES.md" in files and any(n.startswith("plots/") for n in files)
+    assert len(hub.commits) == 2

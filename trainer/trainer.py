@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -168,9 +169,10 @@ class LotionTrainer(Trainer):
         training = {"steps": self.state.global_step, "learning_rate": self.args.learning_rate}
         if self.state.num_input_tokens_seen:
             training["tokens"] = int(self.state.num_input_tokens_seen)
-        data = type(self.train_dataset).__name__ if self.train_dataset is not None else None
+        info = getattr(self.train_dataset, "info", None)  # a `datasets.Dataset` knows its name
+        data = getattr(info, "dataset_name", None) or getattr(info, "description", None)
         if data:
-            training["data"] = data
+            training["data"] = str(data)
         evals = [entry["eval_loss"] for entry in self.state.log_history if "eval_loss" in entry]
         results = {"this_model": evals[-1], "metric": "eval loss"} if evals else None
         config = self.lotion_config  # the latent config: a packed one keeps only the method's name
@@ -214,9 +216,14 @@ class LotionTrainer(Trainer):
                 f"LotionTrainer.push_to_hub got unsupported arguments {sorted(kwargs)}; allowed: commit_message, "
                 "token, revision, private, repo_id, card_facts, allow_latent."
             )
-        facts = card_facts if card_facts is not None else self.card_facts()
-        if card_facts is not None and facts.log_history is None:
-            facts.log_history = list(self.state.log_history)
+        facts = self.card_facts()
+        if card_facts is not None:  # what the caller knows, over what the run knows (a copy: theirs is kept)
+            given = {
+                field.name: getattr(card_facts, field.name)
+                for field in dataclasses.fields(card_facts)
+                if getattr(card_facts, field.name) not in (None, [], {})
+            }
+            facts = dataclasses.replace(facts, **given)
         tokenizer = self.processing_class
         return push_to_hub(
             self.model,

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import importlib.abc
 import importlib.util
+import logging
 import sys
 from collections.abc import Iterator
 
+logger = logging.getLogger(__name__)
 _installed = False
 
 
@@ -52,7 +54,12 @@ class _AfterPeftImport(importlib.abc.MetaPathFinder):
             loader_exec(module)
             if self in sys.meta_path:
                 sys.meta_path.remove(self)
-            _install_now()
+            try:
+                _install_now()
+            except Exception as error:  # never break `import peft` itself
+                logger.warning(
+                    "hf_lotion could not wire its LoRA layers into peft (%s): %s", type(error).__name__, error
+                )
 
         spec.loader.exec_module = exec_module
         return spec
@@ -62,7 +69,12 @@ def install_peft_integration() -> None:
     """Make peft's LoRA use hf_lotion's layers on hf_lotion models (now, or when peft gets imported)."""
     if "peft" in sys.modules:
         if sys.modules["peft"] is not None:  # None: marked as not installed
-            _install_now()
+            try:
+                _install_now()
+            except Exception as error:  # hf_lotion stays importable whatever peft version is loaded
+                logger.warning(
+                    "hf_lotion could not wire its LoRA layers into peft (%s): %s", type(error).__name__, error
+                )
     elif importlib.util.find_spec("peft") is not None and not any(
         isinstance(finder, _AfterPeftImport) for finder in sys.meta_path
     ):

@@ -80,11 +80,31 @@ class _SpecCheckedLora(PeftLoraLinear):
         # Here rather than in __init__: peft's __init__ adds the first adapter before returning.
         if "lora_spec" not in self._modules:
             self.lora_spec = BufferDict(persistent=True)
+            self._checked_specs: dict[str, tuple] = {}
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
         self._make_adapter_dicts()
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
         self.lora_spec[adapter_name] = self.base_spec()
+
+    def check_spec(self, adapter: str) -> None:
+        """Raise if `adapter` was trained for another base than this layer's (loaded by any route).
+
+        peft's loader is checked in `_load_from_state_dict`; transformers' `load_adapter` writes the buffers
+        without it, so the adapter is checked again when first used (cached per tensor version).
+        """
+        spec = self.lora_spec._buffers.get(adapter)  # BufferDict keeps its tensors as buffers
+        key = None if spec is None else (id(spec), spec._version)
+        if spec is None or self._checked_specs.get(adapter) == key:
+            return
+        own = self.base_spec()
+        if not torch.equal(spec.cpu(), own):
+            raise ValueError(
+                f"Adapter '{adapter}' was trained for {describe_spec(spec)}; this layer is {describe_spec(own)}; "
+                "allowed: an adapter trained on a base quantized the same way. Remove it (delete_adapter) and "
+                "load one trained for this base."
+            )
+        self._checked_specs[adapter] = key
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Before this layer's (or any later layer's) adapter tensors are copied in.
@@ -128,6 +148,11 @@ class LotionLoraLinear(_SpecCheckedLora):
             scale.requires_grad_(adapter_name in self.active_adapters and not config.inference_mode)
             self.lora_weight_scale[adapter_name] = scale
 
+    def exact_delta(self, adapter: str) -> torch.Tensor:
+        """`s B A` in the adapters' dtype, outside autocast: the forward and the merge compute it identically."""
+        with torch.autocast(self.lora_A[adapter].weight.device.type, enabled=False):
+            return self.get_delta_weight(adapter)
+
     def effective_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`W + sum s B A` over the active adapters (in the base weight's dtype) and the scales to use."""
         base = self.get_base_layer()
@@ -135,7 +160,8 @@ class LotionLoraLinear(_SpecCheckedLora):
         for adapter in self.active_adapters:
             if adapter not in self.lora_A:
                 continue
-            weight = weight + self.get_delta_weight(adapter).to(weight.dtype)
+            self.check_spec(adapter)
+            weight = weight + self.exact_delta(adapter).to(weight.dtype)
             if adapter in self.lora_weight_scale:
                 # In the base's scale dtype, as stored once merged and packed (peft keeps adapters in fp32).
                 weight_scale = self.lora_weight_scale[adapter].to(base.weight_scale.dtype)
@@ -163,8 +189,9 @@ class LotionLoraLinear(_SpecCheckedLora):
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.lora_A:
                 continue
+            self.check_spec(adapter)
             with torch.no_grad():
-                merged = base.weight + self.get_delta_weight(adapter).to(base.weight.dtype)
+                merged = base.weight + self.exact_delta(adapter).to(base.weight.dtype)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(
                         f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken"
@@ -184,7 +211,7 @@ class LotionLoraLinear(_SpecCheckedLora):
             if adapter not in self.lora_A:
                 continue
             with torch.no_grad():
-                base.weight.data = base.weight - self.get_delta_weight(adapter).to(base.weight.dtype)
+                base.weight.data = base.weight - self.exact_delta(adapter).to(base.weight.dtype)
                 previous = self._scales_before_merge.pop(adapter, None)
                 if previous is not None:
                     base.weight_scale.data = previous
@@ -205,12 +232,18 @@ class PackedLoraLinear(_SpecCheckedLora):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.merged and not self.disable_adapters:
             return self.base_layer(x, *args, **kwargs)
+        if not self.disable_adapters:
+            for adapter in self.active_adapters:
+                if adapter in self.lora_A:
+                    self.check_spec(adapter)
         return super().forward(x, *args, **kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapters = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]
         if not adapters:
             return
+        for adapter in adapters:
+            self.check_spec(adapter)
         if not _REQUANTIZING_MERGE:
             raise ValueError(
                 "Merging LoRA adapters into a packed base re-quantizes dequantize(W) + s B A onto a new grid, so "

@@ -112,7 +112,8 @@ def prepare_injection(tuner: BaseTuner, model: nn.Module, adapter_name: str) -> 
     layers = quantized_layers(model)
     if not layers:
         return
-    config = tuner.peft_config[adapter_name]
+    # The tuner's own copy: "all-linear" is rewritten and LoRA layers registered on it, not on the caller's.
+    config = tuner.peft_config[adapter_name] = copy.copy(tuner.peft_config[adapter_name])
     sample = ", ".join(sorted(layers)[:4])
     if type(tuner) is not LoraModel:
         raise ValueError(
