@@ -262,6 +262,7 @@ def test_merging_into_a_packed_base_needs_opting_in_and_warns(packed_dir, caplog
     train_steps(model)
     lora_layer = model.base_model.model.model.layers[0].mlp.up_proj
     dequantized_before = lora_layer.get_base_layer().dequantized_weight()
+    scales_before = lora_layer.get_base_layer().weight_scale.clone()
     with torch.no_grad():
         delta_before = lora_layer.get_delta_weight("default")
     before = {n: b.clone() for n, b in model.named_buffers()}
@@ -272,11 +273,16 @@ def test_merging_into_a_packed_base_needs_opting_in_and_warns(packed_dir, caplog
     with caplog.at_level(logging.WARNING, logger="hf_lotion"), hf_lotion.requantizing_merge():
         merged = model.merge_and_unload()
     assert "re-quantizing" in caplog.text
-    # Each layer holds RTN(dequantize(W) + s B A) on absmax scales: a new rounding of the merged weight.
+    # Each layer holds RTN(dequantize(W) + s B A): groups whose merged weights still round into the range
+    # keep their scale, the others get the absmax scale of their merged weights.
     layer = merged.model.layers[0].mlp.up_proj
     assert isinstance(layer, hf_lotion.PackedLinear)
     merged_weight = dequantized_before + delta_before
-    scales = absmax_scales(merged_weight, 4, 32)
+    v = merged_weight.reshape(merged_weight.shape[0], -1, 32) / scales_before.unsqueeze(-1)
+    fits = ((v >= -8.5) & (v <= 7.5)).all(dim=-1)
+    scales = torch.where(fits, scales_before, absmax_scales(merged_weight, 4, 32))
+    assert fits.any() and not fits.all()  # both cases occur in this layer
+    assert torch.equal(layer.weight_scale, scales)
     assert torch.equal(layer.dequantized_weight(), fake_quantize_rtn(merged_weight, scales, 4, 32))
     assert not torch.equal(logits(merged), expected)
 
@@ -416,3 +422,16 @@ def test_the_merge_is_exact_under_bf16_autocast_too():
         expected = model(input_ids=batch).logits
         merged = hf_lotion.convert(model.merge_and_unload())
         assert torch.equal(merged(input_ids=batch).logits, expected)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_merging_a_zero_adapter_into_a_packed_base_changes_nothing(bits, tmp_path):
+    """Re-quantizing weights that are already on the grid keeps them (refitting every group to absmax would
+    rescale them: on the full grid a quantized group's absmax is not the one its scale was fitted to)."""
+    hf_lotion.convert(qat_model("ste", bits=bits)).save_pretrained(tmp_path)
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path)
+    expected = logits(packed)
+    model = get_peft_model(packed, lora(init_lora_weights=True))  # B = 0: the adapter adds nothing
+    with hf_lotion.requantizing_merge():
+        merged = model.merge_and_unload()
+    assert torch.equal(logits(merged), expected)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..kernels import absmax_scales, dequantize_packed, packed_linear
-from ..quant.grid import quantize_rtn
+from ..quant.grid import grouped, int_range, quantize_rtn
 from ..quant.packing import pack_int, packed_words, unpack_int
 from ..quant.spec import check_divisible, resolve_group_size
 
@@ -144,11 +144,20 @@ class PackedLinear(nn.Module):
 
     @torch.no_grad()
     def requantize_(self, weight: torch.Tensor) -> None:
-        """Quantize a float `weight` `(out, in)` onto this layer's grid (absmax scales), in place."""
-        scales = absmax_scales(weight.to(self.dtype), self.bits, self.group_size, self.grid)
-        self.weight.copy_(
-            pack_int(quantize_rtn(weight.to(self.dtype), scales, self.bits, self.group_size), self.bits)
-        )
+        """Quantize a float `weight` `(out, in)` onto this layer's grid, in place.
+
+        A group keeps its scale where every weight still rounds into the range (so re-quantizing the layer's
+        own dequantized weight changes nothing); a group that no longer fits gets the absmax scale of its new
+        weights. Refitting every group to absmax would move all of them: on the full grid a quantized group's
+        absmax is not the one its scale was fitted to.
+        """
+        weight = weight.to(self.dtype)
+        qmin, qmax = int_range(self.bits)
+        v = grouped(weight.to(torch.float32), self.group_size) / self.weight_scale.float().unsqueeze(-1)
+        fits = ((v >= qmin - 0.5) & (v <= qmax + 0.5)).all(dim=-1)
+        refit = absmax_scales(weight, self.bits, self.group_size, self.grid)
+        scales = torch.where(fits, self.weight_scale, refit)
+        self.weight.copy_(pack_int(quantize_rtn(weight, scales, self.bits, self.group_size), self.bits))
         self.weight_scale.copy_(scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
