@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any
 
 from peft.tuners.lora.model import LoraModel
@@ -150,7 +151,10 @@ def install() -> None:
 
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
         prepare_injection(self, model, adapter_name)
-        return current(self, model, adapter_name, *args, **kwargs)
+        with warnings.catch_warnings():
+            # peft reads in/out features of layers it does not know and warns; PackedLinear has them.
+            warnings.filterwarnings("ignore", message=r"Unsupported layer type '<class 'hf_lotion\.")
+            return current(self, model, adapter_name, *args, **kwargs)
 
     inject_adapter.hf_lotion_original = current
     inject_adapter.__doc__ = current.__doc__
