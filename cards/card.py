@@ -27,7 +27,7 @@ from torch import nn
 
 from hf_lotion import __version__
 from hf_lotion.config import LotionConfig
-from hf_lotion.exports import VLLM_SUPPORTED_BITS, VLLM_SUPPORTED_GROUP_SIZES
+from hf_lotion.exports import VLLM_SUPPORTED_BITS, VLLM_SUPPORTED_GROUP_SIZES, vllm_serves
 from hf_lotion.methods import method_class
 from hf_lotion.nn import LotionLinear, PackedLinear
 from hf_lotion.nn.replace import unconverted_weights
@@ -606,7 +606,7 @@ def _context(model: nn.Module, facts: CardFacts, plot_files: Mapping[str, str]) 
         base = f"`{base_text}`"
     else:
         base = None
-    vllm = q.bits in VLLM_SUPPORTED_BITS and q.group_size in VLLM_SUPPORTED_GROUP_SIZES
+    vllm = vllm_serves(q.bits, q.group_size)
     group_text = "one scale per row" if q.group_size == -1 else f"group size {q.group_size}"
     results_where = results_single = None
     if results is not None:
@@ -625,9 +625,6 @@ def _context(model: nn.Module, facts: CardFacts, plot_files: Mapping[str, str]) 
         "metric_header": _cell(results.metric) if results else None,
         "version": __version__,
         "packed": q.packed,
-        "base": base,
-        "method_link": method_link,
-        "trained": q.method != "full_precision",
         "bits": q.bits,
         "group_text": group_text,
         "repo": repo_id or "path/to/this/model",

@@ -313,8 +313,11 @@ def _send(files: dict[str, Path], repo_id, private, revision, message, token, cr
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         repo_id = repo_url.repo_id or repo_id
         repo_created = True
-        step = "reading the repository"
-        info = api.model_info(repo_id, revision=revision if revision and _is_ref_or_oid(revision) else None)
+        if private:  # create_repo(exist_ok=True) leaves an existing repository's visibility as it is
+            step = "reading the repository"
+            info = api.model_info(
+                repo_id, revision=revision if revision and _is_ref_or_oid(revision) else None
+            )
         if private and not info.private:
             logger.warning(
                 "%s exists and is public: private=True does not change an existing repository.", repo_id

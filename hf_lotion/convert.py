@@ -9,8 +9,7 @@ from torch import nn
 from .config import LotionConfig
 from .nn.packed_linear import PackedLinear
 from .nn.penalty import remove_penalty
-from .nn.qat_linear import LotionLinear
-from .nn.replace import full_precision_summary, lotion_layers
+from .nn.replace import full_precision_summary, lotion_layers, unconverted_weights
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +30,8 @@ def convert(model: nn.Module) -> nn.Module:
         >>> model.save_pretrained("out")  # doctest: +SKIP
     """
     layers = lotion_layers(model)
-    wrapped = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "base_layer", None), LotionLinear)
-    ]
+    # An adapter layer (peft) holds its quantized layer as `base_layer`.
+    wrapped = [name.removesuffix(".base_layer") for name, _ in layers if name.endswith(".base_layer")]
     if wrapped:
         raise ValueError(
             f"convert() got a model with LoRA adapters on its quantized layers ({wrapped[0]}, ...): packing "
@@ -53,19 +49,18 @@ def convert(model: nn.Module) -> nn.Module:
     remove_penalty(model)
     model_config = getattr(model, "config", None)
     config = getattr(model_config, "quantization_config", None)
+    quantizer = getattr(model, "hf_quantizer", None)
     if isinstance(config, LotionConfig):
         packed = config.packed()
         model_config.quantization_config = packed
-        quantizer = getattr(model, "hf_quantizer", None)
         if quantizer is not None:
             quantizer.quantization_config = packed
     packed_params = sum(layer.weight.numel() for _, layer in layers)
-    quantizer = getattr(model, "hf_quantizer", None)
     excluded = getattr(quantizer, "modules_to_not_convert", None)
     logger.info(
         "Packed %d layers (%s parameters). %s",
         len(layers),
         f"{packed_params:,}",
-        full_precision_summary(model, excluded),
+        full_precision_summary(model, unconverted_weights(model, excluded)),
     )
     return model

@@ -58,6 +58,11 @@ def compressed_tensors_config(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def vllm_serves(bits: int, group_size: int) -> bool:
+    """Whether vLLM's compressed-tensors WNA16 kernels serve this (bits, group_size)."""
+    return bits in VLLM_SUPPORTED_BITS and group_size in VLLM_SUPPORTED_GROUP_SIZES
+
+
 def _warn_if_vllm_cannot_serve(bits: int, group_size: int) -> None:
     unserved = []
     if bits not in VLLM_SUPPORTED_BITS:

@@ -15,17 +15,24 @@ import sys
 from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
-_installed = False
+# Set inside `requantizing_merge()`; read by PackedLoraLinear.merge.
+_requantizing_merge_allowed = False
 
 
 def _install_now() -> None:
-    global _installed
-    if _installed:
-        return
-    from . import peft_glue
+    """Wire the LoRA layers into peft (idempotent); a failure warns, it never breaks an import."""
+    try:
+        from . import peft_glue
 
-    peft_glue.install()
-    _installed = True
+        peft_glue.install()
+    except Exception as error:
+        logger.warning(
+            "hf_lotion could not wire its LoRA layers into peft (%s): %s", type(error).__name__, error
+        )
+
+
+def requantizing_merge_allowed() -> bool:
+    return _requantizing_merge_allowed
 
 
 class _AfterPeftImport(importlib.abc.MetaPathFinder):
@@ -54,12 +61,7 @@ class _AfterPeftImport(importlib.abc.MetaPathFinder):
             loader_exec(module)
             if self in sys.meta_path:
                 sys.meta_path.remove(self)
-            try:
-                _install_now()
-            except Exception as error:  # never break `import peft` itself
-                logger.warning(
-                    "hf_lotion could not wire its LoRA layers into peft (%s): %s", type(error).__name__, error
-                )
+            _install_now()
 
         spec.loader.exec_module = exec_module
         return spec
@@ -69,12 +71,7 @@ def install_peft_integration() -> None:
     """Make peft's LoRA use hf_lotion's layers on hf_lotion models (now, or when peft gets imported)."""
     if "peft" in sys.modules:
         if sys.modules["peft"] is not None:  # None: marked as not installed
-            try:
-                _install_now()
-            except Exception as error:  # hf_lotion stays importable whatever peft version is loaded
-                logger.warning(
-                    "hf_lotion could not wire its LoRA layers into peft (%s): %s", type(error).__name__, error
-                )
+            _install_now()
     elif importlib.util.find_spec("peft") is not None and not any(
         isinstance(finder, _AfterPeftImport) for finder in sys.meta_path
     ):
@@ -92,10 +89,12 @@ def requantizing_merge() -> Iterator[None]:
         >>> with hf_lotion.requantizing_merge():  # doctest: +SKIP
         ...     merged = peft_model.merge_and_unload()
     """
-    from . import lora
-
-    with lora.requantizing_merge():
+    global _requantizing_merge_allowed
+    previous, _requantizing_merge_allowed = _requantizing_merge_allowed, True
+    try:
         yield
+    finally:
+        _requantizing_merge_allowed = previous
 
 
 __all__ = ["install_peft_integration", "requantizing_merge"]

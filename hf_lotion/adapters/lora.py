@@ -10,7 +10,7 @@
 * `PackedLoraLinear` (adapters over a packed base, QLoRA-style): `PackedLinear(x) + s B A x`, the base frozen
   in low bit and dequantized per call (also in backward, never saved). Merging must re-quantize
   `dequantize(W) + s B A`, which loses the exactness above: it is refused unless asked for with
-  `hf_lotion.requantizing_merge()`, and warns.
+  `hf_lotion.requantizing_merge()` (in `hf_lotion.adapters`, which needs no peft), and warns.
 
 Both keep a persistent `lora_spec` buffer per adapter (saved in the adapter file): which kind of base and
 which grid (bits, group size, grid) the adapter was trained for, checked when an adapter is loaded.
@@ -18,9 +18,7 @@ which grid (bits, group size, grid) the adapter was trained for, checked when an
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,29 +30,13 @@ from torch import nn
 from ..nn.packed_linear import PackedLinear
 from ..nn.qat_linear import LotionLinear
 from ..quant.spec import GRIDS
+from . import requantizing_merge_allowed
 
 logger = logging.getLogger(__name__)
 
 # `lora_spec` holds (base kind, bits, group_size, grid index).
 QAT_BASE, PACKED_BASE = 0, 1
 _BASE_NAMES = {QAT_BASE: "QAT adapters on a latent LotionLinear", PACKED_BASE: "adapters on a packed base"}
-_REQUANTIZING_MERGE = False
-
-
-@contextlib.contextmanager
-def requantizing_merge() -> Iterator[None]:
-    """Allow merging adapters into a packed base inside the block (it re-quantizes the merged weights).
-
-    Example:
-        >>> with hf_lotion.requantizing_merge():  # doctest: +SKIP
-        ...     merged = peft_model.merge_and_unload()
-    """
-    global _REQUANTIZING_MERGE
-    previous, _REQUANTIZING_MERGE = _REQUANTIZING_MERGE, True
-    try:
-        yield
-    finally:
-        _REQUANTIZING_MERGE = previous
 
 
 def describe_spec(spec: torch.Tensor) -> str:
@@ -63,18 +45,28 @@ def describe_spec(spec: torch.Tensor) -> str:
     return f"{_BASE_NAMES.get(kind, f'base kind {kind}')}, bits={bits}, group_size={group_size}, grid={grid_name}"
 
 
+def _spec_mismatch(spec: torch.Tensor, own: torch.Tensor, subject: str, outcome: str) -> ValueError:
+    return ValueError(
+        f"{subject} trained for {describe_spec(spec)}; this layer is {describe_spec(own)}; allowed: an adapter "
+        f"trained on a base quantized the same way. {outcome}"
+    )
+
+
 class _SpecCheckedLora(PeftLoraLinear):
     """Shared by both layers: plain LoRA only (no variants), and the adapter's `lora_spec`."""
 
     other_param_names = (*PeftLoraLinear.other_param_names, "lora_spec")
-    base_kind = QAT_BASE
 
     @property
     def lora_variants(self) -> dict:
         return {(): None}  # DoRA and the other variants are refused before injection
 
     def base_spec(self) -> torch.Tensor:
-        raise NotImplementedError
+        """`(base kind, bits, group_size, grid index)` of the layer the adapters sit on."""
+        base = self.get_base_layer()
+        kind = PACKED_BASE if isinstance(base, PackedLinear) else QAT_BASE
+        spec = base if kind == PACKED_BASE else base.spec  # PackedLinear carries bits/group_size/grid itself
+        return torch.tensor([kind, spec.bits, spec.group_size, GRIDS.index(spec.grid)])
 
     def _make_adapter_dicts(self) -> None:
         # Here rather than in __init__: peft's __init__ adds the first adapter before returning.
@@ -99,10 +91,11 @@ class _SpecCheckedLora(PeftLoraLinear):
             return
         own = self.base_spec()
         if not torch.equal(spec.cpu(), own):
-            raise ValueError(
-                f"Adapter '{adapter}' was trained for {describe_spec(spec)}; this layer is {describe_spec(own)}; "
-                "allowed: an adapter trained on a base quantized the same way. Remove it (delete_adapter) and "
-                "load one trained for this base."
+            raise _spec_mismatch(
+                spec,
+                own,
+                f"Adapter '{adapter}' was",
+                "Remove it (delete_adapter) and load one trained for this base.",
             )
         self._checked_specs[adapter] = key
 
@@ -111,11 +104,8 @@ class _SpecCheckedLora(PeftLoraLinear):
         own = self.base_spec()
         for key, value in state_dict.items():
             if key.startswith(f"{prefix}lora_spec.") and not torch.equal(value.to(own.device), own):
-                raise ValueError(
-                    f"The adapter weights for '{prefix.rstrip('.')}' were trained for {describe_spec(value)}; "
-                    f"this layer is {describe_spec(own)}; allowed: an adapter trained on a base quantized the "
-                    "same way. The adapter was not loaded."
-                )
+                subject = f"The adapter weights for '{prefix.rstrip('.')}' were"
+                raise _spec_mismatch(value, own, subject, "The adapter was not loaded.")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -134,10 +124,6 @@ class LotionLoraLinear(_SpecCheckedLora):
         if "lora_weight_scale" not in self._modules:
             self.lora_weight_scale = nn.ParameterDict()
             self._scales_before_merge: dict[str, torch.Tensor] = {}
-
-    def base_spec(self) -> torch.Tensor:
-        spec = self.get_base_layer().spec
-        return torch.tensor([QAT_BASE, spec.bits, spec.group_size, GRIDS.index(spec.grid)])
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
@@ -223,12 +209,6 @@ class PackedLoraLinear(_SpecCheckedLora):
     Merging re-quantizes and is refused unless inside `hf_lotion.requantizing_merge()`.
     """
 
-    base_kind = PACKED_BASE
-
-    def base_spec(self) -> torch.Tensor:
-        base = self.get_base_layer()
-        return torch.tensor([PACKED_BASE, base.bits, base.group_size, GRIDS.index(base.grid)])
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.merged and not self.disable_adapters:
             return self.base_layer(x, *args, **kwargs)
@@ -244,7 +224,7 @@ class PackedLoraLinear(_SpecCheckedLora):
             return
         for adapter in adapters:
             self.check_spec(adapter)
-        if not _REQUANTIZING_MERGE:
+        if not requantizing_merge_allowed():
             raise ValueError(
                 "Merging LoRA adapters into a packed base re-quantizes dequantize(W) + s B A onto a new grid, so "
                 "the merged model is not the adapter model (README: 'LoRA over a packed base' gives the error). "

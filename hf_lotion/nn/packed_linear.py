@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..kernels import absmax_scales, dequantize_packed, packed_linear
-from ..quant.grid import grouped, int_range, quantize_rtn
+from ..quant.grid import int_range, quantize_rtn, scaled_values
 from ..quant.packing import pack_int, packed_words, unpack_int
 from ..quant.spec import check_divisible, resolve_group_size
 
@@ -153,7 +153,7 @@ class PackedLinear(nn.Module):
         """
         weight = weight.to(self.dtype)
         qmin, qmax = int_range(self.bits)
-        v = grouped(weight.to(torch.float32), self.group_size) / self.weight_scale.float().unsqueeze(-1)
+        v = scaled_values(weight, self.weight_scale, self.group_size)
         fits = ((v >= qmin - 0.5) & (v <= qmax + 0.5)).all(dim=-1)
         refit = absmax_scales(weight, self.bits, self.group_size, self.grid)
         scales = torch.where(fits, self.weight_scale, refit)

@@ -82,9 +82,8 @@ def unconverted_weights(
     return found
 
 
-def full_precision_summary(model: nn.Module, modules_to_not_convert: Iterable[str] | None = None) -> str:
-    """One line on what stays in full precision although it is linear-like ("" when nothing does)."""
-    found = unconverted_weights(model, modules_to_not_convert)
+def full_precision_summary(model: nn.Module, found: list[tuple[str, nn.Module, str, int]]) -> str:
+    """One line on the linear-like weights `found` by `unconverted_weights` ("" when there are none)."""
     if not found:
         return ""
     count = sum(numel for *_, numel in found)
@@ -99,14 +98,14 @@ def full_precision_summary(model: nn.Module, modules_to_not_convert: Iterable[st
     )
 
 
-def mark_full_precision(model: nn.Module, modules_to_not_convert: Iterable[str] | None = None) -> None:
-    """Say in `print(model)` which linear-like weights stay in full precision.
+def mark_full_precision(model: nn.Module, found: list[tuple[str, nn.Module, str, int]]) -> None:
+    """Say in `print(model)` which linear-like weights (from `unconverted_weights`) stay in full precision.
 
     The note goes into the owning module's `extra_repr` (an instance attribute: the class is untouched), or,
     for a module whose class writes its own `__repr__` (GPT-2's `Conv1D`), into its parent's, naming it.
     """
     notes: dict[str, list[str]] = {}
-    for param_name, module, _, _ in unconverted_weights(model, modules_to_not_convert):
+    for param_name, module, _, _ in found:
         module_name = param_name.rpartition(".")[0]
         if type(module).__repr__ is nn.Module.__repr__:
             notes.setdefault(module_name, [])
@@ -215,10 +214,10 @@ def replace_linear_layers(
         logger.warning("No nn.Linear layer to quantize was found (excluded: %s).", skipped)
     for name, module in layers:
         model.set_submodule(name, LotionLinear.from_linear(module, spec, method))
-    summary = full_precision_summary(model, skipped)
-    if summary:
-        logger.warning(summary)
-        mark_full_precision(model, skipped)
+    found = unconverted_weights(model, skipped)
+    if found:
+        logger.warning(full_precision_summary(model, found))
+        mark_full_precision(model, found)
     return [name for name, _ in layers]
 
 
