@@ -72,6 +72,36 @@ def _push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the traceback when the push fails")
 
 
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "directory", help="a folder written by save_pretrained of a QAT model (latent or converted)"
+    )
+    parser.add_argument("output", help="the file to write, e.g. model-Q4_0.gguf")
+    parser.add_argument(
+        "--format",
+        choices=["gguf"],
+        default="gguf",
+        help="gguf: one llama.cpp file, quantized layers exact as Q4_0/Q8_0 (the compressed-tensors export "
+        "is hf_lotion.export_compressed_tensors in Python)",
+    )
+    parser.add_argument(
+        "--unquantized",
+        choices=["f16", "f32", "q8_0"],
+        default="f16",
+        help="type of the token embedding and an unquantized output head (default f16; q8_0 is llama.cpp's "
+        "own rounding, the convention for QAT uploads)",
+    )
+    parser.add_argument(
+        "--ternary",
+        choices=["q4_0", "tq2_0"],
+        default="q4_0",
+        help="2-bit layers as Q4_0 (default) or TQ2_0 (levels -1, 0, 1 only, groups a multiple of 256)",
+    )
+    parser.add_argument(
+        "--tokenizer-pre", help="llama.cpp's pre-tokenizer name (tokenizer.ggml.pre), if not detected"
+    )
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("env", "show versions, devices and registration status", "hf_lotion.cli:cmd_env"),
     Command(
@@ -80,6 +110,12 @@ COMMANDS: tuple[Command, ...] = (
         "comes from HF_TOKEN or `hf auth login`",
         "hf_lotion.cli:cmd_push",
         _push_arguments,
+    ),
+    Command(
+        "export",
+        "write a saved QAT model as one GGUF file for llama.cpp, keeping the trained low-bit weights exactly",
+        "hf_lotion.cli:cmd_export",
+        _export_arguments,
     ),
 )
 

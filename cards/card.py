@@ -373,7 +373,10 @@ def _count_parts(model: nn.Module) -> _Parts:
             out_features, in_features = module.out_features, module.in_features
             parts.quantized_params += out_features * in_features
             if isinstance(module, PackedLinear):
-                for tensor in (module.weight, module.weight_scale, module.weight_shape):
+                # The checkpoint's bytes (packed words), whichever layout the layer runs in memory.
+                parts.quantized_bytes += out_features * packed_words(in_features, module.bits) * 4
+                seen.add(id(module.weight))
+                for tensor in (module.weight_scale, module.weight_shape):
                     parts.quantized_bytes += tensor.numel() * tensor.element_size()
                     seen.add(id(tensor))
             else:

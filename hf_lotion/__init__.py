@@ -15,6 +15,7 @@ from .adapters import install_peft_integration, requantizing_merge
 from .config import LotionConfig
 from .convert import convert
 from .exports import export_compressed_tensors
+from .gguf_export import export_gguf
 from .methods import Option, Penalty, QatMethod, method_names, register_method, unregister_method
 from .nn import (
     LotionLinear,
@@ -79,6 +80,7 @@ __all__ = [
     "add_lotion_penalty",
     "convert",
     "export_compressed_tensors",
+    "export_gguf",
     "grid_fraction",
     "is_lotion_model",
     "latent_weights",

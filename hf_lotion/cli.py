@@ -23,7 +23,7 @@ import sys
 
 from hf_lotion_cli import build_parser, main, package_version
 
-__all__ = ["build_parser", "cmd_env", "main"]
+__all__ = ["build_parser", "cmd_env", "cmd_export", "main"]
 
 PACKAGES = (
     "torch",
@@ -59,6 +59,23 @@ def _kernel_summary(torch) -> str:
     return f"reference on CPU ({kernels.ENV_VAR}={backend}; Triton runs on CPU only in its interpreter)"
 
 
+def _cpu_packed_summary(torch) -> str:
+    """Which path packed layers take on CPU."""
+    from hf_lotion import kernels
+
+    if not kernels.cpu_int4.ops_available():
+        return f"dequantize + F.linear (torch {torch.__version__} has no CPU int4 ops)"
+    if kernels.requested_backend() != "auto":
+        return f"dequantize + F.linear ({kernels.ENV_VAR}={kernels.requested_backend()})"
+    int4 = ", ".join(
+        f"{str(dtype).removeprefix('torch.')} up to {rows} rows"
+        for dtype, rows in kernels.cpu_int4.MAX_KERNEL_ROWS.items()
+        if rows
+    )
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"torch's int4 kernel for 2/3/4 bits ({int4}; {capability}), else dequantize + F.linear"
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     """Print what hf-lotion runs on: versions, devices, and whether "lotion" is registered."""
     import torch
@@ -70,7 +87,8 @@ def cmd_env(args: argparse.Namespace) -> int:
     rows += [(name, package_version(name)) for name in PACKAGES]
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
     rows += [("cuda", cuda), ("quant_method 'lotion' registered", str("lotion" in AUTO_QUANTIZER_MAPPING))]
-    rows += [("kernels", _kernel_summary(torch)), ("QAT methods", ", ".join(hf_lotion.method_names()))]
+    rows += [("kernels", _kernel_summary(torch)), ("packed layers on CPU", _cpu_packed_summary(torch))]
+    rows += [("QAT methods", ", ".join(hf_lotion.method_names()))]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -97,6 +115,36 @@ def cmd_push(args: argparse.Namespace) -> int:
         print(f"hf-lotion: error: {error}", file=sys.stderr)
         return 1
     print(f"Pushed {args.directory} to {url}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Load a saved QAT model folder (and its tokenizer, if any) and export it (`hf_lotion.export_gguf`)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_lotion
+
+    directory = Path(args.directory)
+    if not (directory / "config.json").is_file():
+        raise ValueError(
+            f"directory={str(directory)!r} has no config.json; allowed: a save_pretrained folder."
+        )
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError):
+        tokenizer = None  # export_gguf says what that means
+    out = hf_lotion.export_gguf(
+        model,
+        args.output,
+        tokenizer=tokenizer,
+        unquantized=args.unquantized,
+        tokenizer_pre=args.tokenizer_pre,
+        ternary=args.ternary,
+    )
+    print(f"Wrote {out}")
     return 0
 
 

@@ -26,6 +26,7 @@ from .quant.spec import (
     validate_bits,
     validate_choice,
     validate_group_size,
+    validate_scale_dtype,
 )
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,12 @@ QUANT_METHOD = "lotion"
 # "packed": integers packed into int32 words plus scales, what `hf_lotion.convert` produces.
 FORMATS = ("latent", "packed")
 # What fixes the grid a checkpoint is quantized on: these cannot change once a model is trained.
-STORAGE_FIELDS = ("bits", "group_size", "grid")
+STORAGE_FIELDS = ("bits", "group_size", "grid", "scale_dtype")
 DEFAULT_BITS = 4
 # Fields of every config; a method's options come on top (see `hf_lotion.methods`).
 COMMON_FIELDS = ("quant_method", "bits", "group_size", "grid", "method", "modules_to_not_convert", "format")
+# Fields written to config.json only when set (so that configs without them stay as before).
+OPTIONAL_FIELDS = ("scale_dtype",)
 
 
 class LotionConfig(QuantizationConfigMixin):
@@ -65,6 +68,13 @@ class LotionConfig(QuantizationConfigMixin):
             quantizers do; an explicit list replaces that default.
         format: what the model holds and its checkpoint stores: `"latent"` (full-precision latent weights,
             for training) or `"packed"` (packed integers and scales, set by `hf_lotion.convert`).
+        scale_dtype: `None` (default: scales in the compute dtype, as before) or `"float16"`, `"bfloat16"`,
+            `"float32"`: every scale the forward uses (absmax, learned, LOTION's noise scale; in training and
+            in eval, so also `convert`) is rounded to a value representable in that dtype,
+            `s.to(scale_dtype).to(compute dtype)`. `"float16"` trains exactly what formats with fp16 scales
+            store: `hf_lotion.export_gguf` writes such a model to GGUF Q4_0/Q8_0 without re-rounding. With
+            bf16 compute, fp16 scales are rounded to fp16 then to bf16 (values representable in both).
+            Fixed once a model is trained, like `grid`.
         **method_options: the method's options, validated against it. `lotion`: `lotion_lambda` (1.0),
             `curvature` ("fisher", the per-token empirical Fisher), `curvature_beta` (0.99),
             `curvature_every` (4). `stableqat`: `stableqat_amplitudes` ([0.21]), `learned_scales` (True).
@@ -84,6 +94,7 @@ class LotionConfig(QuantizationConfigMixin):
         grid: str | None = None,
         modules_to_not_convert: list[str] | None = None,
         format: str = "latent",
+        scale_dtype: str | None = None,
         **kwargs: Any,
     ) -> None:
         # `from_dict` passes the saved `quant_method` back in; anything else must be an option of the method.
@@ -94,7 +105,12 @@ class LotionConfig(QuantizationConfigMixin):
         # Storage fields the caller chose; at reload the others come from the checkpoint.
         self._given = frozenset(
             name
-            for name, value in (("bits", bits), ("group_size", group_size), ("grid", grid))
+            for name, value in (
+                ("bits", bits),
+                ("group_size", group_size),
+                ("grid", grid),
+                ("scale_dtype", scale_dtype),
+            )
             if value is not None
         )
         self.bits = DEFAULT_BITS if bits is None else bits
@@ -103,6 +119,7 @@ class LotionConfig(QuantizationConfigMixin):
         self.grid = grid
         self.modules_to_not_convert = modules_to_not_convert
         self.format = format
+        self.scale_dtype = scale_dtype
         options = method_class(self.method).option_names()
         _refuse_unknown_keys(self.method, kwargs, options)
         for name in options:
@@ -134,6 +151,7 @@ class LotionConfig(QuantizationConfigMixin):
         if self.modules_to_not_convert is not None:
             self.modules_to_not_convert = list(self.modules_to_not_convert)
         validate_choice("format", self.format, FORMATS)
+        validate_scale_dtype(getattr(self, "scale_dtype", None))
 
     # -- what the config describes -------------------------------------------------------------------------
 
@@ -144,7 +162,9 @@ class LotionConfig(QuantizationConfigMixin):
                 "LotionConfig.group_size=None is resolved per model when the config is applied "
                 "(from_pretrained or hf_lotion.prepare); call resolve_group_size(in_features) first, or set it."
             )
-        return QuantSpec(bits=self.bits, group_size=self.group_size, grid=self.grid)
+        return QuantSpec(
+            bits=self.bits, group_size=self.group_size, grid=self.grid, scale_dtype=self.scale_dtype
+        )
 
     def resolve_group_size(self, in_features: Iterable[int], where: str = "the model") -> int:
         """Fix `group_size=None` for layers of these widths (`default_group_size`), logging the choice.
@@ -186,6 +206,7 @@ class LotionConfig(QuantizationConfigMixin):
             grid=self.grid,
             modules_to_not_convert=copy.copy(self.modules_to_not_convert),
             format="packed",
+            scale_dtype=self.scale_dtype,
         )
 
     def merged_for_reload(self, requested: LotionConfig) -> LotionConfig:
@@ -217,6 +238,7 @@ class LotionConfig(QuantizationConfigMixin):
             grid=self.grid,
             modules_to_not_convert=copy.copy(modules if modules is not None else self.modules_to_not_convert),
             format=self.format,
+            scale_dtype=self.scale_dtype,
             **copy.deepcopy(requested.method_options()),
         )
 
@@ -247,6 +269,7 @@ class LotionConfig(QuantizationConfigMixin):
 
     def to_dict(self) -> dict[str, Any]:
         data = {name: copy.deepcopy(getattr(self, name)) for name in COMMON_FIELDS}
+        data.update({name: getattr(self, name) for name in OPTIONAL_FIELDS if getattr(self, name, None)})
         if self.format == "latent":
             data.update(copy.deepcopy(self.method_options()))
         return data
@@ -277,7 +300,7 @@ def _refuse_unknown_keys(method: str, kwargs: dict[str, Any], options: tuple[str
                 f"an option of method={owners[key]!r}, not of method={method!r}, whose options are "
                 f"{list(options) or 'none'}",
             )
-    allowed = sorted({*COMMON_FIELDS, *options})
+    allowed = sorted({*COMMON_FIELDS, *OPTIONAL_FIELDS, *options})
     raise ValueError(
         f"LotionConfig got unknown keys {unknown}; allowed keys for method={method!r}: {allowed} "
         f"(methods: {list(method_names())})."
@@ -307,7 +330,7 @@ def _drop_unknown_saved_keys(data: dict[str, Any]) -> dict[str, Any]:
         )
     if not isinstance(method, str):
         return data  # the constructor reports the bad value
-    unknown = sorted(set(data) - {*COMMON_FIELDS, *method_class(method).option_names()})
+    unknown = sorted(set(data) - {*COMMON_FIELDS, *OPTIONAL_FIELDS, *method_class(method).option_names()})
     if unknown:
         logger.warning(
             "Ignoring keys %s of a saved LotionConfig (method=%r): this hf-lotion does not know them. They are "

@@ -18,7 +18,9 @@ def convert(model: nn.Module) -> nn.Module:
     """Pack every `LotionLinear` of `model` into a `PackedLinear`, in place, and return the model.
 
     Each layer keeps exactly the weights its eval mode used (round-to-nearest with the current scales),
-    so the converted model's outputs are bit-identical to the eval-mode QAT model. For a transformers
+    so the converted model's outputs are bit-identical to the eval-mode QAT model (on the reference path;
+    CPU layers the int4 kernel takes are prepared for it, `PackedLinear.prepare_cpu_kernel_`, whose products
+    agree to rounding). For a transformers
     model, `config.quantization_config` becomes a new packed config (storage fields and the method's name;
     the config object the model was quantized with is left as it was), so `save_pretrained` writes packed
     safetensors and `from_pretrained` (after `import hf_lotion`) rebuilds packed layers directly.
@@ -44,8 +46,10 @@ def convert(model: nn.Module) -> nn.Module:
             "latent format (from_pretrained with a LotionConfig, or hf_lotion.prepare); a converted model "
             "is already packed."
         )
+    packed_layers = []
     for name, layer in layers:
-        model.set_submodule(name, PackedLinear.from_qat(layer))
+        packed_layers.append(PackedLinear.from_qat(layer))
+        model.set_submodule(name, packed_layers[-1])
     remove_penalty(model)
     model_config = getattr(model, "config", None)
     config = getattr(model_config, "quantization_config", None)
@@ -56,11 +60,13 @@ def convert(model: nn.Module) -> nn.Module:
         if quantizer is not None:
             quantizer.quantization_config = packed
     packed_params = sum(layer.weight.numel() for _, layer in layers)
+    on_kernel = sum(layer.prepare_cpu_kernel_() for layer in packed_layers)
     excluded = getattr(quantizer, "modules_to_not_convert", None)
     logger.info(
-        "Packed %d layers (%s parameters). %s",
+        "Packed %d layers (%s parameters; %d run on a CPU low-bit kernel). %s",
         len(layers),
         f"{packed_params:,}",
+        on_kernel,
         full_precision_summary(model, unconverted_weights(model, excluded)),
     )
     return model

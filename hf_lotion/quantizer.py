@@ -95,7 +95,12 @@ class LotionHfQuantizer(HfQuantizer):
         check_packed_checkpoint(checkpoint_files, shapes, config.bits, config.group_size)
         for name, module in layers:
             packed = PackedLinear.empty_like(
-                module, config.bits, config.group_size, device="meta", grid=config.grid
+                module,
+                config.bits,
+                config.group_size,
+                device="meta",
+                grid=config.grid,
+                scale_dtype=config.scale_dtype,
             )
             model.set_submodule(name, packed)
 
@@ -113,6 +118,10 @@ class LotionHfQuantizer(HfQuantizer):
             if not (self.pre_quantized and loaded):
                 layer.reset_scales()
         install_lotion_penalty(model, self.quantization_config)
+        # Packed CPU layers switch to the int4 kernel's layout once, here, rather than per call.
+        for module in model.modules():
+            if isinstance(module, PackedLinear):
+                module.prepare_cpu_kernel_()
         return model
 
     def get_state_dict_and_metadata(self, model: PreTrainedModel) -> tuple[None, dict[str, str]]:

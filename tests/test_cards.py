@@ -496,3 +496,22 @@ def test_weight_statistics(packed_model):
     groups = sum(layer.out_features * layer.in_features // 32 for layer in layers)
     assert histogram.pinned == groups and histogram.beyond == 0
     assert histogram.total == sum(layer.weight.numel() for layer in layers) - groups
+
+
+def test_module_shares_and_sizes_do_not_depend_on_the_in_memory_layout():
+    """A packed layer counts its checkpoint bytes once, prepared for a CPU kernel or holding packed words."""
+    model = build_tiny_model("llama", dtype=torch.bfloat16)
+    model = hf_lotion.prepare(model, LotionConfig(bits=4, group_size=32))
+    hf_lotion.convert(model)
+    layers = [m for m in model.modules() if isinstance(m, hf_lotion.PackedLinear)]
+    assert layers and all(layer.cpu_kernel_ready for layer in layers)
+    prepared = card_module._count_parts(model)
+    for layer in layers:
+        layer.release_cpu_kernel_()
+    words = card_module._count_parts(model)
+    assert prepared == words
+    dense_params = sum(p.numel() for p in build_tiny_model("llama", dtype=torch.bfloat16).parameters())
+    assert (
+        words.quantized_params + words.other_params + words.embedding_params + words.kept_params
+        == dense_params
+    )

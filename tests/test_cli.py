@@ -94,7 +94,8 @@ def test_console_script_answers_without_importing_torch(args, returncode, expect
 
 def test_parser_builds_without_the_library_and_names_library_commands():
     parser = hf_lotion_cli.build_parser()
-    required = {"push": ["out", "me/model"]}  # positional arguments of commands that take some
+    # positional arguments of commands that take some
+    required = {"push": ["out", "me/model"], "export": ["out", "model.gguf"]}
     for command in hf_lotion_cli.COMMANDS:
         args = parser.parse_args([command.name, *required.get(command.name, [])])
         assert args.command == command.name and args.target == command.target
@@ -135,6 +136,24 @@ def test_env_through_the_package_entry_point(capsys):
     assert "quant_method 'lotion' registered  True" in out
     assert f"hf-lotion                         {hf_lotion.__version__}" in out
     assert "QAT methods                       full_precision, lotion, stableqat, ste" in out
+
+
+@pytest.mark.parametrize(
+    "backend,expected",
+    [
+        ("auto", "torch's int4 kernel for 2/3/4 bits"),
+        ("reference", "dequantize + F.linear (HF_LOTION_KERNELS=reference)"),
+    ],
+    ids=["auto", "reference"],
+)
+def test_env_says_which_path_packed_layers_take_on_cpu(backend, expected, capsys, monkeypatch):
+    from hf_lotion.kernels import cpu_int4
+
+    if not cpu_int4.ops_available():
+        pytest.skip("this torch build has no CPU int4 ops")
+    monkeypatch.setenv("HF_LOTION_KERNELS", backend)
+    assert hf_lotion_cli.main(["env"]) == 0
+    assert f"packed layers on CPU              {expected}" in capsys.readouterr().out
 
 
 @pytest.mark.slow

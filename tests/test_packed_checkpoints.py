@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_lotion
 from hf_lotion import LotionConfig, PackedLinear
+from hf_lotion.kernels import kernel_backend
 
 
 def qat_model(path, dtype=torch.float32, **config):
@@ -36,13 +37,14 @@ def packed_checkpoint(tmp_path, tiny_checkpoint, **config):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bits,group_size", [(2, -1), (3, 16), (4, 32), (8, 32)], ids=str)
 def test_convert_save_reload_is_bit_exact(bits, group_size, dtype, tiny_checkpoint, input_ids, tmp_path):
+    """On the reference path (the CPU int4 kernel's products agree to rounding: tests/test_cpu_int4.py)."""
     model = qat_model(tiny_checkpoint("llama", dtype), dtype, bits=bits, group_size=group_size, method="ste")
     with torch.no_grad():
         qat_logits = model(input_ids).logits
     quantized = {name for name, _ in hf_lotion.lotion_layers(model)}
     hf_lotion.convert(model)
     assert model.config.quantization_config.format == "packed" and not hf_lotion.is_lotion_model(model)
-    with torch.no_grad():
+    with torch.no_grad(), kernel_backend("reference"):
         assert torch.equal(model(input_ids).logits, qat_logits)
 
     model.save_pretrained(tmp_path)
@@ -59,7 +61,7 @@ def test_convert_save_reload_is_bit_exact(bits, group_size, dtype, tiny_checkpoi
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
     assert {n for n, m in reloaded.named_modules() if isinstance(m, PackedLinear)} == quantized
     assert not hf_lotion.is_lotion_model(reloaded)
-    with torch.no_grad():
+    with torch.no_grad(), kernel_backend("reference"):
         assert torch.equal(reloaded(input_ids).logits, qat_logits)
 
 

@@ -11,6 +11,8 @@ One file per op (kernels, custom ops that launch them with fake implementations,
   (STE, StableQAT) with LSQ scale grads;
 * `lotion`: LOTION's penalty gradient and value in one pass;
 * `packed_matmul`: packed int2/3/4/8 dequantization, GEMV for decode, dequantize + cuBLAS for batches.
+* `cpu_int4`, `cpu_int8`: PyTorch's own CPU kernels for packed 2/3/4-bit layers and bf16 8-bit per-row
+  layers (no triton needed; see `PackedLinear.prepare_cpu_kernel_`).
 
 Set `HF_LOTION_KERNELS=reference` to force the reference everywhere (debugging).
 """
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 from .. import quant
 from ..quant.surrogates import Surrogate
+from . import cpu_int4, cpu_int8
 from .dispatch import (
     BACKENDS,
     ENV_VAR,
@@ -59,8 +62,11 @@ def fake_quantize(
     bits: int,
     group_size: int,
     surrogate: Surrogate | Sequence[float] | None = None,
+    scale_dtype: str | torch.dtype | None = None,
 ) -> torch.Tensor:
     """RTN fake quantization whose backward goes through `surrogate`, with LSQ scale gradients.
+
+    `scale_dtype`: what the scales were rounded to (`QuantSpec.scale_dtype`), for the gradient window.
 
     `surrogate`: a `hf_lotion.quant.Surrogate`, StableQAT's Fourier amplitudes, or `None` / `()` for STE.
     The Triton kernel evaluates Fourier-series surrogates (STE included); any other surrogate runs its
@@ -77,8 +83,11 @@ def fake_quantize(
     if amplitudes is not None and _triton_for(weight, scales):
         from . import fake_quant
 
-        return fake_quant.fake_quantize_op(weight, scales, bits, group_size, [float(a) for a in amplitudes])
-    return quant.fake_quantize(weight, scales, bits, group_size, surrogate)
+        window = quant.effective_scale_dtype(scales.dtype, scale_dtype)
+        return fake_quant.fake_quantize_op(
+            weight, scales, bits, group_size, [float(a) for a in amplitudes], window
+        )
+    return quant.fake_quantize(weight, scales, bits, group_size, surrogate, scale_dtype)
 
 
 def add_lotion_penalty_grad(
@@ -139,6 +148,8 @@ __all__ = [
     "KERNEL_DTYPES",
     "absmax_scales",
     "add_lotion_penalty_grad",
+    "cpu_int4",
+    "cpu_int8",
     "dequantize_packed",
     "fake_quantize",
     "interpreter_enabled",

@@ -234,11 +234,13 @@ def fake_quantize_op(
     bits: int,
     group_size: int,
     amplitudes: list[float],
+    window_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`s * round(w / s)` (clamped to the range) in the weight's dtype, one fused pass.
 
     The backward is STE, or StableQAT's surrogate given `amplitudes`, plus LSQ scale gradients when the
-    scales require grad.
+    scales require grad. `window_dtype`: the precision of the scales, for the gradient window (None: the
+    scales' dtype).
     """
     w, n_rows, group = _rows(weight, group_size)
     out = torch.empty_like(w)
@@ -259,7 +261,7 @@ def fake_quantize_op(
 
 
 @fake_quantize_op.register_fake
-def _(weight, scales, bits, group_size, amplitudes):
+def _(weight, scales, bits, group_size, amplitudes, window_dtype=None):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
@@ -271,6 +273,7 @@ def fake_quantize_backward_op(
     bits: int,
     group_size: int,
     amplitudes: list[float],
+    window_dtype: torch.dtype | None,
     need_weight_grad: bool,
     need_scale_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,7 +283,7 @@ def fake_quantize_backward_op(
     dw = torch.empty_like(w) if need_weight_grad else w.new_empty(0)
     ds = torch.empty_like(scales) if need_scale_grad else scales.new_empty(0)
     qmin, qmax = int_range(bits)
-    window_low, window_high = gradient_window(bits, scales.dtype)
+    window_low, window_high = gradient_window(bits, window_dtype or scales.dtype)
     block_r, block_g, programs = _blocks(n_rows, group)
     _fake_quant_bwd_kernel[(programs,)](
         w,
@@ -306,7 +309,9 @@ def fake_quantize_backward_op(
 
 
 @fake_quantize_backward_op.register_fake
-def _(grad_output, weight, scales, bits, group_size, amplitudes, need_weight_grad, need_scale_grad):
+def _(
+    grad_output, weight, scales, bits, group_size, amplitudes, window_dtype, need_weight_grad, need_scale_grad
+):
     dw = (
         torch.empty_like(weight, memory_format=torch.contiguous_format)
         if need_weight_grad
@@ -321,16 +326,16 @@ def _(grad_output, weight, scales, bits, group_size, amplitudes, need_weight_gra
 
 
 def _setup_context(ctx, inputs, output):
-    weight, scales, bits, group_size, amplitudes = inputs
+    weight, scales, bits, group_size, amplitudes, window_dtype = inputs
     ctx.save_for_backward(weight, scales)
-    ctx.args = (bits, group_size, amplitudes)
+    ctx.args = (bits, group_size, amplitudes, window_dtype)
 
 
 def _backward(ctx, grad_output):
     weight, scales = ctx.saved_tensors
     need_dw, need_ds = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dw, ds = fake_quantize_backward_op(grad_output, weight, scales, *ctx.args, need_dw, need_ds)
-    return (dw if need_dw else None), (ds if need_ds else None), None, None, None
+    return (dw if need_dw else None), (ds if need_ds else None), None, None, None, None
 
 
 fake_quantize_op.register_autograd(_backward, setup_context=_setup_context)

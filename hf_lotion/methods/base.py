@@ -166,7 +166,7 @@ class QatMethod:
         surrogate = self.backward_surrogate
         if surrogate is None:
             return weight
-        return kernels.fake_quantize(weight, scales, spec.bits, spec.group_size, surrogate)
+        return kernels.fake_quantize(weight, scales, spec.bits, spec.group_size, surrogate, spec.scale_dtype)
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and other.option_values() == self.option_values()

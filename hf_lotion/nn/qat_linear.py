@@ -10,7 +10,7 @@ from torch import nn
 
 from ..kernels import absmax_scales, fake_quantize
 from ..methods import QatMethod, build_method
-from ..quant.grid import quantize_rtn, scale_floor
+from ..quant.grid import quantize_rtn, round_scales, scale_floor
 from ..quant.spec import QuantSpec, check_divisible, resolve_group_size
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class LotionLinear(nn.Linear):
 
     def _absmax_scales(self, weight: torch.Tensor) -> torch.Tensor:
         spec = self.spec
-        return absmax_scales(weight, spec.bits, spec.group_size, spec.grid)
+        return round_scales(absmax_scales(weight, spec.bits, spec.group_size, spec.grid), spec.scale_dtype)
 
     def quant_scales(
         self, weight: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None
@@ -105,13 +105,15 @@ class LotionLinear(nn.Linear):
         """The scales for `weight` (default: the latent weight), `(out_features, n_groups)`.
 
         Learned ones (`weight_scale`, default the layer's own; kept above a positive floor) or, for methods
-        without learned scales, the absmax rule at `weight`.
+        without learned scales, the absmax rule at `weight`. With `spec.scale_dtype` set, rounded to values
+        representable in it (learned scales with a straight-through gradient), in every mode.
         """
         weight = self.weight if weight is None else weight
         weight_scale = self.weight_scale if weight_scale is None else weight_scale
         if weight_scale is None:
             return self._absmax_scales(weight)
-        return torch.clamp_min(weight_scale, scale_floor(weight, weight_scale.dtype))
+        scales = torch.clamp_min(weight_scale, scale_floor(weight, weight_scale.dtype))
+        return round_scales(scales, self.spec.scale_dtype)
 
     @torch.no_grad()
     def quantize_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +124,10 @@ class LotionLinear(nn.Linear):
     @torch.no_grad()
     def deploy_weight(self) -> torch.Tensor:
         """The dequantized RTN weight the exported model will use, in the weight's dtype."""
-        return fake_quantize(self.weight, self.quant_scales(), self.spec.bits, self.spec.group_size)
+        spec = self.spec
+        return fake_quantize(
+            self.weight, self.quant_scales(), spec.bits, spec.group_size, None, spec.scale_dtype
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.qat_linear(x, self.weight)
@@ -141,7 +146,8 @@ class LotionLinear(nn.Linear):
             if self.eval_latent:
                 return F.linear(x, weight, self.bias)
             scales = self.quant_scales(weight, weight_scale)
-            return F.linear(x, fake_quantize(weight, scales, spec.bits, spec.group_size), self.bias)
+            w_hat = fake_quantize(weight, scales, spec.bits, spec.group_size, None, spec.scale_dtype)
+            return F.linear(x, w_hat, self.bias)
         method = self.method
         context = self._penalty_context(weight)
         uses_scales = context is not None or method.uses_scales()
@@ -192,5 +198,6 @@ class LotionLinear(nn.Linear):
         spec = self.spec
         return (
             f"{super().extra_repr()}, bits={spec.bits}, group_size={spec.group_size}, grid={spec.grid}, "
-            f"method={self.method!r}"
+            + (f"scale_dtype={spec.scale_dtype}, " if spec.scale_dtype else "")
+            + f"method={self.method!r}"
         )

@@ -14,13 +14,16 @@ from .fake_quant import (
 from .grid import (
     absmax_scales,
     dequantize,
+    effective_scale_dtype,
     fake_quantize_rtn,
     gradient_window,
     grouped,
     int_range,
     quantize_rtn,
+    round_scales,
     scale_divisor,
     scale_floor,
+    scale_torch_dtype,
 )
 from .lotion import (
     add_penalty_grad,
@@ -32,12 +35,13 @@ from .lotion import (
     rounding_variance,
 )
 from .packing import pack_int, packed_words, unpack_int
-from .spec import DEFAULT_GRID_BY_BITS, GRIDS, SUPPORTED_BITS, QuantSpec
+from .spec import DEFAULT_GRID_BY_BITS, GRIDS, SCALE_DTYPES, SUPPORTED_BITS, QuantSpec
 from .surrogates import FourierSurrogate, StraightThrough, Surrogate, as_surrogate
 
 __all__ = [
     "DEFAULT_GRID_BY_BITS",
     "GRIDS",
+    "SCALE_DTYPES",
     "SUPPORTED_BITS",
     "FourierSurrogate",
     "QuantSpec",
@@ -47,6 +51,7 @@ __all__ = [
     "add_penalty_grad",
     "as_surrogate",
     "dequantize",
+    "effective_scale_dtype",
     "fake_quantize",
     "fake_quantize_rtn",
     "gradient_window",
@@ -60,10 +65,12 @@ __all__ = [
     "pack_int",
     "packed_words",
     "quantize_rtn",
+    "round_scales",
     "rounding_position",
     "rounding_variance",
     "scale_divisor",
     "scale_floor",
+    "scale_torch_dtype",
     "stableqat_fake_quantize",
     "stableqat_surrogate",
     "ste_fake_quantize",

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .grid import dequantize, gradient_window, grouped, int_range, scaled_values
+from .grid import dequantize, effective_scale_dtype, gradient_window, grouped, int_range, scaled_values
 from .surrogates import FourierSurrogate, StraightThrough, Surrogate, as_surrogate
 
 
@@ -46,18 +46,18 @@ def lsq_gradient_scale(numel: int, bits: int) -> float:
 
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, scales, bits, group_size, surrogate):
+    def forward(ctx, weight, scales, bits, group_size, surrogate, window_dtype):
         qmin, qmax = int_range(bits)
         q = torch.round(scaled_values(weight, scales, group_size)).clamp_(qmin, qmax)
         ctx.save_for_backward(weight, scales)
-        ctx.bits, ctx.group_size, ctx.surrogate = bits, group_size, surrogate
+        ctx.bits, ctx.group_size, ctx.surrogate, ctx.window_dtype = bits, group_size, surrogate, window_dtype
         return dequantize(q.reshape(weight.shape), scales, group_size, weight.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
         weight, scales = ctx.saved_tensors
         v = scaled_values(weight, scales, ctx.group_size)
-        low, high = gradient_window(ctx.bits, scales.dtype)
+        low, high = gradient_window(ctx.bits, ctx.window_dtype)
         inside = (v >= low) & (v <= high)
         grad = grouped(grad_output.to(v.dtype), ctx.group_size)
 
@@ -73,7 +73,7 @@ class _FakeQuantize(torch.autograd.Function):
             dwhat_ds = torch.where((v >= qmin) & (v <= qmax), q - v, q)
             factor = lsq_gradient_scale(weight.numel(), ctx.bits)
             grad_scales = ((grad * dwhat_ds).sum(dim=-1) * factor).to(scales.dtype)
-        return grad_weight, grad_scales, None, None, None
+        return grad_weight, grad_scales, None, None, None, None
 
 
 def fake_quantize(
@@ -82,11 +82,13 @@ def fake_quantize(
     bits: int,
     group_size: int,
     surrogate: Surrogate | Sequence[float] | None = None,
+    scale_dtype: str | torch.dtype | None = None,
 ) -> torch.Tensor:
     """Differentiable RTN fake quantization whose weight gradient goes through `surrogate`.
 
     `surrogate` is a `Surrogate`, StableQAT's Fourier amplitudes, or `None` / `()` for STE. Pass scales
-    that require grad to learn them (LSQ); detached absmax scales get no gradient.
+    that require grad to learn them (LSQ); detached absmax scales get no gradient. `scale_dtype` is the
+    dtype the scales were rounded to (`round_scales`): it widens the gradient window by its ulps.
 
     Example:
         >>> w = torch.tensor([[0.4, -0.15, 0.0625, 0.6, -0.55]], requires_grad=True)
@@ -94,7 +96,8 @@ def fake_quantize(
         tensor([[ 0.5000, -0.2500,  0.0000,  0.5000, -0.5000]],
                grad_fn=<_FakeQuantizeBackward>)
     """
-    return _FakeQuantize.apply(weight, scales, bits, group_size, as_surrogate(surrogate))
+    window_dtype = effective_scale_dtype(scales.dtype, scale_dtype)
+    return _FakeQuantize.apply(weight, scales, bits, group_size, as_surrogate(surrogate), window_dtype)
 
 
 def ste_fake_quantize(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:

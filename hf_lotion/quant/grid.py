@@ -10,9 +10,15 @@ Conventions shared by every path (reference, Triton, packed):
   (compute-dtype) values and rounded once to the compute dtype, so every path gives bit-identical
   dequantized weights.
 * Rounding is half-to-even (`torch.round`).
+* With a `scale_dtype` (`QuantSpec.scale_dtype`), every scale the forward uses is first rounded to a value
+  representable in that dtype and kept in the compute dtype (`round_scales`): `s.to(scale_dtype).to(compute)`.
+  For bf16 compute and fp16 scales this is fp16 then bf16, so the values fit both dtypes.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
@@ -60,6 +66,71 @@ def gradient_window(bits: int, scale_dtype: torch.dtype) -> tuple[float, float]:
     qmin, qmax = int_range(bits)
     slack = 2.0 ** (bits - 1) * torch.finfo(scale_dtype).eps
     return qmin - 0.5 - slack, qmax + 0.5 + slack
+
+
+def scale_torch_dtype(scale_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """`QuantSpec.scale_dtype` ("float16", ...) as a torch dtype; None stays None."""
+    if scale_dtype is None or isinstance(scale_dtype, torch.dtype):
+        return scale_dtype
+    return getattr(torch, scale_dtype)
+
+
+def effective_scale_dtype(compute_dtype: torch.dtype, scale_dtype: str | torch.dtype | None) -> torch.dtype:
+    """The dtype whose precision the scales really have: the coarser of the compute and the scale dtype.
+
+    Pass it to `gradient_window`. Example:
+        >>> effective_scale_dtype(torch.float32, "float16"), effective_scale_dtype(torch.bfloat16, "float16")
+        (torch.float16, torch.bfloat16)
+    """
+    dtype = scale_torch_dtype(scale_dtype)
+    if dtype is None or torch.finfo(compute_dtype).eps >= torch.finfo(dtype).eps:
+        return compute_dtype
+    return dtype
+
+
+@functools.cache
+def _largest_common(a: torch.dtype, b: torch.dtype) -> float:
+    """The largest value both float dtypes hold exactly (fp16's max, 65504, is 65536 in bf16: inf in fp16)."""
+    high = min(torch.finfo(a).max, torch.finfo(b).max)
+    for _ in range(2):
+        for dtype in (a, b):
+            value = torch.tensor(high, dtype=torch.float64).to(dtype)
+            if not torch.isfinite(value) or float(value) > high:  # rounded up: step one ulp down
+                ulp = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(high))
+                value = torch.tensor(float(value) - ulp, dtype=torch.float64).to(dtype)
+            high = float(value)
+    return high
+
+
+class _RoundScales(torch.autograd.Function):
+    """`s.to(scale_dtype).to(s.dtype)`, kept inside both dtypes' positive range; straight-through backward."""
+
+    @staticmethod
+    def forward(ctx, scales, dtype):
+        both = (torch.finfo(dtype), torch.finfo(scales.dtype))
+        # Smallest positive (subnormal) value and largest value of both dtypes: powers of two / exact in both.
+        low = max(info.smallest_normal * info.eps for info in both)
+        return scales.clamp(low, _largest_common(dtype, scales.dtype)).to(dtype).to(scales.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def round_scales(scales: torch.Tensor, scale_dtype: str | torch.dtype | None) -> torch.Tensor:
+    """Scales rounded to values representable in `scale_dtype`, in their own dtype (None: unchanged).
+
+    Differentiable with a straight-through gradient, so learned (LSQ) scales keep training while the forward
+    uses the rounded value. Values are kept positive (at least the smallest subnormal of both dtypes).
+
+    Example:
+        >>> round_scales(torch.tensor([0.1]), "float16").item()
+        0.0999755859375
+    """
+    dtype = scale_torch_dtype(scale_dtype)
+    if dtype is None:
+        return scales
+    return _RoundScales.apply(scales, dtype)
 
 
 def grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:

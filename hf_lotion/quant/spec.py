@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 GRIDS = ("full", "restricted")
+# Dtypes that scales can be rounded to in the forward (`QuantSpec.scale_dtype`); None: the compute dtype.
+# "float16" makes the trained model exactly what formats with fp16 scales store (GGUF Q4_0 / Q8_0).
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
 
 # Measured RTN reconstruction error (relative MSE, Gaussian and Student-t weights, groups 32 and 128):
 # the full-range rule is 0.51-0.73x the restricted one at 2 bits, 0.75-0.83x at 3 bits, 0.89-0.96x at
@@ -55,6 +58,13 @@ def validate_group_size(group_size: object, owner: str = "LotionConfig") -> int:
 def validate_choice(name: str, value: object, choices: Sequence[str], owner: str = "LotionConfig") -> str:
     if value not in choices:
         invalid_value(owner, name, value, f"one of {tuple(choices)}")
+    return value  # type: ignore[return-value]
+
+
+def validate_scale_dtype(value: object, owner: str = "LotionConfig") -> str | None:
+    """`None` (scales in the compute dtype) or one of `SCALE_DTYPES`."""
+    if value is not None and value not in SCALE_DTYPES:
+        invalid_value(owner, "scale_dtype", value, f"None (the compute dtype) or one of {SCALE_DTYPES}")
     return value  # type: ignore[return-value]
 
 
@@ -155,16 +165,21 @@ class QuantSpec:
 
     These are the *storage* fields: they fix the grid a checkpoint is quantized on, so they cannot change
     once a model is trained. How the weight is trained (the QAT method and its options) lives in
-    `hf_lotion.methods`.
+    `hf_lotion.methods`. `scale_dtype` (None, "float16", "bfloat16", "float32") rounds every scale the
+    forward uses to values representable in that dtype (`s.to(scale_dtype).to(compute dtype)`); None keeps
+    the compute dtype's scales.
 
     Example:
         >>> QuantSpec(bits=4, group_size=32).grid
         'full'
+        >>> QuantSpec(bits=4, group_size=32, scale_dtype="float16").scale_dtype
+        'float16'
     """
 
     bits: int = 4
     group_size: int = 128
     grid: str | None = None
+    scale_dtype: str | None = None
 
     def __post_init__(self) -> None:
         owner = "QuantSpec"
@@ -173,6 +188,7 @@ class QuantSpec:
         if self.grid is None:
             object.__setattr__(self, "grid", DEFAULT_GRID_BY_BITS[self.bits])
         validate_choice("grid", self.grid, GRIDS, owner)
+        validate_scale_dtype(self.scale_dtype, owner)
 
     @property
     def qmin(self) -> int:
