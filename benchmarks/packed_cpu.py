@@ -273,11 +273,13 @@ def generate(name: str, bits: int, new_tokens: int, rounds: int, emit) -> None:
         )
 
 
-def report(path: Path) -> str:
-    """Markdown tables of the last run recorded in `path`."""
+def report(path: Path, run: str | None = None) -> str:
+    """Markdown tables of one run recorded in `path` (default: the last)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    last = rows[-1]["run"]
-    rows = [r for r in rows if r.get("run") == last]
+    run = run or rows[-1]["run"]
+    rows = [r for r in rows if r.get("run") == run]
+    if not rows:
+        raise SystemExit(f"no run {run!r} in {path}")
     out = [
         f"{rows[0]['date']}, torch {rows[0]['torch']}, {rows[0]['cpu_capability']}, {rows[0]['threads']} threads"
     ]
@@ -344,12 +346,13 @@ def main() -> None:
     parser.add_argument(
         "--report", action="store_true", help="print the last run's tables as markdown and exit"
     )
+    parser.add_argument("--run", help="with --report: the run to print (its 'run' field; default the last)")
     parser.add_argument(
         "--parts", nargs="+", choices=PARTS, default=PARTS, help="what to measure (default: everything)"
     )
     args = parser.parse_args()
     if args.report:
-        print(report(RESULTS))
+        print(report(RESULTS, args.run))
         return
     rounds, repeats = (1, 3) if args.quick else (5, 10)
     header = {
