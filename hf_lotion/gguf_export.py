@@ -10,6 +10,7 @@ it fit. Tokenizer metadata: `hf_lotion.gguf_tokenizer`. Needs the `gguf` package
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -355,7 +356,9 @@ def _unquantized(name: str, array: np.ndarray, unquantized: str, gguf) -> tuple[
 
 
 def _write(plan: _Plan, target: Path, gguf) -> None:
-    """Write to a hidden temporary file beside `target`, then rename it into place; nothing stays on failure."""
+    """Write to a hidden temporary file beside `target`, then rename it into place; nothing stays on failure
+    (not the file, not the folders made for it)."""
+    created = [folder for folder in (target.parent, *target.parent.parents) if not folder.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
     writer = gguf.GGUFWriter(temporary, plan.arch)
@@ -372,6 +375,9 @@ def _write(plan: _Plan, target: Path, gguf) -> None:
     except BaseException:
         writer.close()
         temporary.unlink(missing_ok=True)
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
 
 

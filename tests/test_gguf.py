@@ -413,6 +413,9 @@ def test_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         hf_lotion.export_gguf(quantized(wide_model(seed=1), bits=8, group_size=32), path)
     assert os.listdir(tmp_path) == ["m.gguf"] and path.read_bytes() == before
+    with pytest.raises(OSError, match="No space"):
+        hf_lotion.export_gguf(model, tmp_path / "new" / "deeper" / "m.gguf")
+    assert os.listdir(tmp_path) == ["m.gguf"]  # the folders made for the file are gone too
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------
