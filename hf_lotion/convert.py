@@ -9,7 +9,8 @@ from torch import nn
 from .config import LotionConfig
 from .nn.packed_linear import PackedLinear
 from .nn.penalty import remove_penalty
-from .nn.replace import full_precision_summary, lotion_layers, unconverted_weights
+from .nn.qat_linear import LotionLinear
+from .nn.replace import adapter_wrapped_layers, full_precision_summary, lotion_layers, unconverted_weights
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,7 @@ def convert(model: nn.Module) -> nn.Module:
         >>> model.save_pretrained("out")  # doctest: +SKIP
     """
     layers = lotion_layers(model)
-    # An adapter layer (peft) holds its quantized layer as `base_layer`.
-    wrapped = [name.removesuffix(".base_layer") for name, _ in layers if name.endswith(".base_layer")]
+    wrapped = adapter_wrapped_layers(model, (LotionLinear,))
     if wrapped:
         raise ValueError(
             f"convert() got a model with LoRA adapters on its quantized layers ({wrapped[0]}, ...): packing "

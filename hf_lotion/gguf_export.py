@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 
 from .nn.packed_linear import PackedLinear
 from .nn.qat_linear import LotionLinear
+from .nn.replace import adapter_wrapped_layers
 from .quant.gguf_blocks import (
     BLOCK,
     TERNARY_BLOCK,
@@ -168,13 +169,14 @@ def _check_target(target: Path) -> None:
 
 def _quantized_layers(model: nn.Module, ternary: str) -> dict[str, _Layer]:
     """Levels and scales of every quantized layer and its GGUF type, after checking that each maps exactly."""
+    wrapped = adapter_wrapped_layers(model)
+    if wrapped:
+        raise ValueError(
+            f"export_gguf() got a model with LoRA adapters on '{wrapped[0]}': call "
+            "`model = model.merge_and_unload()` first (QAT adapters merge exactly)."
+        )
     layers: dict[str, _Layer] = {}
     for name, module in model.named_modules():
-        if name.endswith(".base_layer") and isinstance(module, (LotionLinear, PackedLinear)):
-            raise ValueError(
-                f"export_gguf() got a model with LoRA adapters on '{name.removesuffix('.base_layer')}': call "
-                "`model = model.merge_and_unload()` first (QAT adapters merge exactly)."
-            )
         if isinstance(module, LotionLinear):
             q, scales = module.quantize_weight()
             layers[name] = _Layer(q, scales, module.spec.bits, module.spec.group_size)

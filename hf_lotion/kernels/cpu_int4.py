@@ -27,12 +27,12 @@ import torch.nn.functional as F
 # What the kernel accepts (torch 2.4 - 2.13).
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 KERNEL_BITS = (2, 3, 4)
-KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ROWS_MULTIPLE = 16
 _OFFSET = 8
 # Largest input row count (tokens) that the kernel handles; larger inputs dequantize once and call F.linear.
 # Measured on a 2-core AVX-512 machine (benchmarks/packed_cpu.py, crossover table in benchmarks/RESULTS.md):
-# the kernel's bf16/fp16 path is vectorized, its fp32 path is scalar and only pays off for single rows.
+# the kernel's bf16 path is vectorized; its fp32 path is scalar and pays off for single rows only; its fp16
+# path is scalar too and lost to dequantize + F.linear even there (0: fp16 layers keep packed words).
 MAX_KERNEL_ROWS = {torch.bfloat16: 128, torch.float16: 0, torch.float32: 1}
 
 

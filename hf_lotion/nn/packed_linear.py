@@ -205,17 +205,8 @@ class PackedLinear(nn.Module):
             except RuntimeError as error:
                 logger.warning("CPU int4 kernel not used (%s); this layer dequantizes per call.", error)
                 return False
-            scales_and_zeros = cpu_int4.kernel_scales_and_zeros(
-                self.weight_scale, self.group_size, self.in_features
-            )
         self.register_buffer("weight", int4, persistent=False)
-        self.register_buffer("int4_scales_and_zeros", scales_and_zeros, persistent=False)
-        if scales_and_zeros.shape[0] == self.weight_scale.shape[1]:
-            # One copy of the scales: weight_scale becomes a view of the kernel's (same values, same dtype).
-            self._buffers["weight_scale"] = scales_and_zeros[..., 0].t()
-        else:  # per-row scales repeated into groups: a copy, rebuilt if weight_scale changes
-            ws = self.weight_scale
-            self._kernel_scales_key = (ws.data_ptr(), ws._version, ws.dtype, ws.device)
+        self._attach_kernel_scales()
         return True
 
     def release_cpu_kernel_(self) -> None:
@@ -267,6 +258,20 @@ class PackedLinear(nn.Module):
         if prepare:
             self.prepare_cpu_kernel_()
 
+    def _attach_kernel_scales(self) -> torch.Tensor:
+        """Build the kernel's `scales_and_zeros` from `weight_scale`. Where the groups match, `weight_scale`
+        becomes a view of it (one copy, always in step); per-row scales repeated into groups are a copy,
+        remembered by `weight_scale`'s identity and version so that a change rebuilds it."""
+        scales = self.weight_scale
+        with torch.no_grad():
+            kernel = cpu_int4.kernel_scales_and_zeros(scales, self.group_size, self.in_features)
+        self.register_buffer("int4_scales_and_zeros", kernel, persistent=False)
+        if kernel.shape[0] == scales.shape[1]:
+            self._buffers["weight_scale"] = kernel[..., 0].t()
+        else:
+            self._kernel_scales_key = (scales.data_ptr(), scales._version, scales.dtype, scales.device)
+        return kernel
+
     def _kernel_scales_and_zeros(self) -> torch.Tensor:
         """The kernel's scales, rebuilt if `weight_scale` changed since (in place, or by a dtype/device move)."""
         kernel, scales = self.int4_scales_and_zeros, self.weight_scale
@@ -274,14 +279,7 @@ class PackedLinear(nn.Module):
         key = (scales.data_ptr(), scales._version, scales.dtype, scales.device)
         if shared or getattr(self, "_kernel_scales_key", None) == key:
             return kernel
-        with torch.no_grad():
-            kernel = cpu_int4.kernel_scales_and_zeros(scales, self.group_size, self.in_features)
-        self.register_buffer("int4_scales_and_zeros", kernel, persistent=False)
-        if kernel.shape[0] == scales.shape[1]:
-            self._buffers["weight_scale"] = kernel[..., 0].t()
-        else:
-            self._kernel_scales_key = key
-        return kernel
+        return self._attach_kernel_scales()
 
     def low_bit_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(levels in their current layout, scales): what a backward pass saves instead of the weight."""

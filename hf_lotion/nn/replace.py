@@ -226,6 +226,23 @@ def lotion_layers(model: nn.Module) -> list[tuple[str, LotionLinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LotionLinear)]
 
 
+def adapter_wrapped_layers(model: nn.Module, kinds: tuple[type[nn.Module], ...] | None = None) -> list[str]:
+    """Names of the quantized layers (of `kinds`; default `LotionLinear` and `PackedLinear`) that carry PEFT
+    adapters.
+
+    An adapter layer holds the layer it wraps as `base_layer`; packing or exporting under it would drop the
+    adapters, so callers refuse these models and ask for `merge_and_unload()` first.
+    """
+    from .packed_linear import PackedLinear
+
+    kinds = kinds or (LotionLinear, PackedLinear)
+    return [
+        name.removesuffix(".base_layer")
+        for name, module in model.named_modules()
+        if name.endswith(".base_layer") and isinstance(module, kinds)
+    ]
+
+
 def is_lotion_model(model: nn.Module) -> bool:
     """Whether `model` has at least one `LotionLinear` layer."""
     return any(isinstance(m, LotionLinear) for m in model.modules())
